@@ -1,0 +1,137 @@
+"""The decoder: CLIP image embedding z_i (+ caption) -> base image (DALL-E 2 §2).
+
+A GLIDE/ADM UNet with z_i added to the timestep embedding and projected into 4
+context tokens beside the caption's own text transformer; z_i dropped 10% and the
+caption 50% of the time for classifier-free guidance.
+
+Presets: `tiny` (tests, seconds; pairs with configs/clip.py:tiny), `demo` (the CPU
+demo, minutes; pairs with configs/clip.py:demo), `paper` (DALL-E 2's 3.5B 64 px
+decoder, App. C).
+Usage: --config configs/decoder.py:demo --config.clip_workdir=DIR
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  c = common.base_config("decoder")
+  # The trained CLIP workdir (required) and its checkpoint step (None: the latest).
+  c.clip_workdir = ml_collections.config_dict.placeholder(str)
+  c.clip_step = ml_collections.config_dict.placeholder(int)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.base_channels = 32
+  c.model.channel_mults = (1, 2, 2)
+  c.model.num_res_blocks = 2
+  c.model.attention_resolutions = (8, 4)  # feature-map sides at data.resolution
+  c.model.head_channels = 32
+  c.model.norm_groups = 8
+  c.model.dropout = 0.0
+  c.model.num_image_tokens = 4  # z_i -> this many extra context tokens (§2)
+  # GLIDE's caption transformer, on the CLIP tokenizer's tokens.
+  c.model.text_width = 64
+  c.model.text_depth = 2
+  c.model.text_heads = 2
+  # Caption tokens the decoder reads: the first text_context (None: CLIP's context);
+  # longer than CLIP's context pads. Captions longer than it are logged at start.
+  c.model.text_context = ml_collections.config_dict.placeholder(int)
+  c.model.remat = False
+  # Classifier-free guidance training (§2): z_i -> learned null, caption -> empty;
+  # drawn independently, so both are dropped 5% of the time.
+  c.model.image_embedding_drop_prob = 0.1
+  c.model.text_drop_prob = 0.5
+  c.model.parameterization = "v"  # what the UNet predicts: "eps" | "v" | "x0"
+  # Improved DDPM's learned sigma: 6 output channels, hybrid loss with the VLB term.
+  c.model.learned_variance = False
+  c.model.vlb_weight = 0.001
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"  # "cosine" | "linear"
+  c.diffusion.num_timesteps = 1000
+
+  # Sampling (evaluation, and the defaults of the sampling pipeline).
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 50  # DDIM over a respaced schedule
+  c.sample.guidance_scale = 3.0
+  c.sample.eta = 0.0
+  c.sample.clip_denoised = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.loss_examples = 512  # held-out examples for eval/loss
+  c.eval.num_examples = 64  # held-out captions sampled once each for the accuracies
+  c.eval.batch_size = 32  # rows per compiled sampling / loss call
+  c.eval.num_samples = 8  # rows (held-out captions) of the samples grid
+  c.eval.samples_per_caption = 4  # columns of samples, then the true image
+  c.cache_batch_size = 256  # images per CLIP call while building the cache
+
+  # data.resolution is the decoder's image side; images are read at the CLIP's
+  # resolution (for z_i) and resized to it. name / seed must be the CLIP's, and
+  # num_emoji at most the CLIP's (the first n emoji of its subset).
+  c.data.resolution = 16
+  c.data.num_emoji = 16
+
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.999
+
+  if preset == "tiny":
+    c.total_steps = 4
+    c.batch_size = 16
+    c.log_every = 2
+    c.eval_every = c.checkpoint_every = 4
+    c.data.resolution = 8  # the tiny CLIP's 16 px, halved
+    c.data.num_emoji = 8
+    # One level, attention at its side: the smallest UNet with every pathway.
+    c.model.update(base_channels=16, channel_mults=(1,), num_res_blocks=1,
+                   attention_resolutions=(8,), head_channels=8, norm_groups=4,
+                   text_width=32, text_depth=1, text_heads=2)
+    c.sample.num_steps = 2
+    c.eval.update(loss_examples=16, num_examples=16, batch_size=16, num_samples=4,
+                  samples_per_caption=2)
+    c.cache_batch_size = 64
+    c.optim.warmup_steps = 1
+    c.optim.ema_decay = 0.9
+  elif preset == "demo":
+    # 16 px base on the first 16 emoji of the CLIP demo's 256; see docs/decoder.md.
+    c.total_steps = 1000
+    c.batch_size = 64
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 500
+    c.model.update(num_res_blocks=1, text_depth=1, learned_variance=True,
+                   text_context=16)  # the demo captions are at most 15 tokens
+  elif preset == "paper":
+    # App. C, Table 3 (64 decoder) and GLIDE: 512 channels, 3 blocks, mults 1,2,3,4,
+    # head width 64, attention at 32,16,8, text transformer width 2048, 24 blocks,
+    # 32 heads, context 256, dropout 0.1, learned sigma, cosine 1000 steps, 250
+    # sampling steps; batch 2048, 800K steps, lr 1.2e-4, Adam b2 0.999 eps 1e-8, no
+    # weight decay, EMA 0.9999.
+    c.total_steps = 800_000
+    c.batch_size = 2048
+    c.dtype = "bfloat16"
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 5_000
+    c.data.name = "laion400m"  # the CLIP's data set, prepared as array_record
+    c.data.resolution = 64
+    c.data.num_emoji = 0
+    c.model.update(base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=3,
+                   attention_resolutions=(32, 16, 8), head_channels=64,
+                   norm_groups=32, dropout=0.1, text_width=2048, text_depth=24,
+                   text_heads=32, text_context=256, remat=True,
+                   parameterization="eps", learned_variance=True)
+    c.sample.num_steps = 250
+    c.sample.guidance_scale = 1.25  # Table 2's decoder guidance (FID)
+    c.eval.update(loss_examples=4096, num_examples=256, batch_size=64)
+    c.cache_batch_size = 1024
+    c.optim.lr = 1.2e-4
+    c.optim.warmup_steps = 10_000
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.ema_decay = 0.9999
+    c.mesh.shape = (-1, 8, 1)
+  else:
+    raise ValueError(f"unknown preset {preset!r}: use tiny, demo or paper")
+  return c

@@ -1,0 +1,75 @@
+"""Shared by the stages' sharding tests: two train steps on a mesh, compared
+with the same two steps on one device."""
+import flax.linen as nn
+import jax
+import numpy as np
+
+from unclip_jax.parallel import partitioning
+from unclip_jax.parallel.mesh import make_mesh
+from unclip_jax.train import optim, state
+from unclip_jax.train.step import jit_train_step
+
+MESH_SHAPES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+
+
+def _setup(stage, mesh_shape, devices):
+  config = stage.config
+  mesh = make_mesh(mesh_shape, devices=devices)
+  rules = partitioning.rules_from_config(config.mesh.rules)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  return mesh, rules, tx
+
+
+def initial_state(stage):
+  """A host copy of the stage's state, initialised once on one device.
+
+  Each mesh then gets this state placed by the params' logical axes:
+  threefry init compiles slowly on CPU, and placing tests the same thing.
+  """
+  mesh, rules, tx = _setup(stage, (1, 1, 1), jax.devices()[:1])
+  train_state, _ = state.sharded_init(stage.init_params, tx, mesh, rules,
+                                      jax.random.key(0))
+  return jax.device_get(train_state)
+
+
+def two_steps(stage, batch, mesh_shape, initial, devices=None):
+  """((host state, [metrics, metrics]), live state) after two steps."""
+  mesh, rules, tx = _setup(stage, mesh_shape, devices)
+  _, shardings = state.abstract_state(stage.init_params, tx, mesh, rules,
+                                      jax.random.key(0))
+  train_state = jax.device_put(initial, shardings)
+  batch_shardings = partitioning.shard_batch_tree(batch, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jit_train_step(stage.loss, tx, stage.config.optim.ema_decay,
+                          shardings, batch_shardings,
+                          partitioning.replicated(mesh))
+    all_metrics = []
+    for _ in range(2):
+      train_state, metrics = step(train_state, batch, jax.random.key(1))
+      all_metrics.append(metrics)
+  return jax.device_get((train_state, all_metrics)), train_state
+
+
+def reference_steps(stage, batch):
+  initial = initial_state(stage)
+  result, _ = two_steps(stage, batch, (1, 1, 1), initial, jax.devices()[:1])
+  return initial, result
+
+
+def assert_steps_match(reference, got, live, mesh_shape, *, equal_keys=(),
+                       atol=1e-5):
+  """Loss, grad norm and params after two steps agree; the mesh was used."""
+  ref_state, ref_metrics = reference
+  got_state, got_metrics = got
+  for ref, new in zip(ref_metrics, got_metrics):
+    for key in equal_keys:  # e.g. rng-drawn drop counts: independent of mesh
+      assert new[key] == ref[key], key
+    np.testing.assert_allclose(new["train/loss"], ref["train/loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(new["train/grad_norm"],
+                               ref["train/grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=atol),
+               got_state.params, ref_state.params)
+  if mesh_shape[1] * mesh_shape[2] > 1:  # fsdp or tensor: some params split
+    assert any(not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(live.params))

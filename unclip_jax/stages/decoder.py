@@ -1,0 +1,565 @@
+"""The decoder stage: CLIP image embedding z_i (+ caption) -> base image (DALL-E 2 §2).
+
+A GLIDE/ADM UNet (models/unet.py) sees z_i twice: projected and added to the
+timestep embedding, and projected into `model.num_image_tokens` context tokens that
+join the caption's token sequence (the UNet's own text transformer, GLIDE's
+pathway) in every attention layer. For classifier-free guidance, z_i is replaced by
+a learned null embedding 10% of the time and the caption by the empty caption 50% of
+the time, independently, so both are dropped 5% of the time. The loss is the MSE to
+the noise or to v, plus improved DDPM's VLB term when the variance is learned.
+Sampling is guided DDIM over a respaced schedule, one compiled function.
+
+Training reads images from the data set and z_i, caption tokens from a frozen CLIP's
+embedding cache (embedding_cache.py) by the same index: `PairedSource`. Images are
+read at the CLIP's resolution (what z_i was computed from) and resized to the
+decoder's `data.resolution`.
+
+`Decoder` (loss, `sample`) and `load_decoder` are what the sampling pipeline reuses.
+"""
+import functools
+import json
+import logging
+import os
+import shutil
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from unclip_jax import diffusion
+from unclip_jax.data import pipeline
+from unclip_jax.data.preprocess import center_crop_and_resize
+from unclip_jax.data.sources import BUNDLED_BUILDERS
+from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
+from unclip_jax.errors import ConfigError, WorkdirError
+from unclip_jax.models.unet import UNet
+from unclip_jax.sample import grid
+from unclip_jax.stages import decoder_eval, diffusion_common, embedding_cache, frozen
+from unclip_jax.stages.base import Stage
+from unclip_jax.stages.embedding_cache import IMAGE_EMBEDDING, TOKENS
+
+log = logging.getLogger(__name__)
+
+IMAGE, CAPTION = pipeline.IMAGE, pipeline.CAPTION
+MODEL_INPUTS = (IMAGE, IMAGE_EMBEDDING, TOKENS)
+# What the decoder was trained on: the CLIP's fingerprint and the sizes it needs.
+FROZEN_CLIP_FILENAME = "frozen_clip.json"
+_CLIP_HELP = ("a CLIP workdir, trained with python -m unclip_jax.train --config "
+              "configs/clip.py:demo --workdir DIR")
+
+
+
+
+def _check_unet(config: ml_collections.ConfigDict) -> None:
+  m, side = config.model, config.data.resolution
+  levels = len(m.channel_mults)
+  if side % 2**(levels - 1):
+    raise ConfigError(f"data.resolution={side} is not divisible by {2**(levels - 1)}, "
+                      f"which a UNet with {levels} levels (model.channel_mults) needs")
+  sides = {side // 2**level: level for level in range(levels)}
+  unknown = [s for s in m.attention_resolutions if s not in sides]
+  if unknown:
+    raise ConfigError(f"model.attention_resolutions {list(unknown)} are not feature-map "
+                      f"sides {sorted(sides)} of a {side} px UNet; pick from those")
+  attended = {sides[s] for s in m.attention_resolutions}
+  if attended:
+    attended.add(levels - 1)  # the middle block's attention
+  for level, mult in enumerate(m.channel_mults):
+    width = m.base_channels * mult
+    if width % m.norm_groups:
+      raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide the width "
+                        f"base_channels x {mult} = {width}")
+    if level in attended and width % m.head_channels:
+      raise ConfigError(f"model.head_channels={m.head_channels} does not divide the "
+                        f"width {width} of an attention level")
+  if m.text_depth < 1:
+    raise ConfigError(f"model.text_depth={m.text_depth}: the decoder reads the caption "
+                      "through its own text transformer; use >= 1")
+  if m.text_width % m.text_heads:
+    raise ConfigError(f"model.text_width={m.text_width} does not divide into "
+                      f"model.text_heads={m.text_heads} heads")
+  if m.get("text_context") is not None and m.text_context < 1:
+    raise ConfigError(f"model.text_context={m.text_context} must be >= 1 (or unset)")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for a decoder config that cannot work (CLIP not read)."""
+  m = config.model
+  _check_unet(config)
+  for name in ("image_embedding_drop_prob", "text_drop_prob", "dropout"):
+    if not 0.0 <= m[name] < 1.0:
+      raise ConfigError(f"model.{name}={m[name]}: must be in [0, 1)")
+  if m.parameterization not in diffusion.PARAMETERIZATIONS:
+    raise ConfigError(f"model.parameterization={m.parameterization!r}: use one of "
+                      f"{tuple(diffusion.PARAMETERIZATIONS)}")
+  if m.vlb_weight < 0:
+    raise ConfigError(f"model.vlb_weight={m.vlb_weight} must be >= 0")
+  # diffusion_common checks `diffusion.parameterization`; ours lives in `model`.
+  view = ml_collections.ConfigDict({
+      "diffusion": {**config.diffusion.to_dict(),
+                    "parameterization": m.parameterization},
+      "sample": config.sample.to_dict()})
+  diffusion_common.validate_diffusion_config(view)
+  e = config.eval
+  for name in ("loss_examples", "num_examples", "batch_size", "num_samples",
+               "samples_per_caption"):
+    if e[name] < 1:
+      raise ConfigError(f"eval.{name}={e[name]} must be >= 1")
+
+
+def check_clip_workdir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CLIP run's config, after one-line errors for a missing or wrong
+  `clip_workdir` and for data the CLIP was not trained on."""
+  c = config
+  if not c.get("clip_workdir"):
+    raise ConfigError(f"clip_workdir is not set; pass --config.clip_workdir=DIR, "
+                      f"{_CLIP_HELP}")
+  if not os.path.isdir(c.clip_workdir):
+    raise WorkdirError(f"clip_workdir={c.clip_workdir} does not exist; pass "
+                       f"{_CLIP_HELP}")
+  clip_config = frozen.read_config(c.clip_workdir, "clip")
+  frozen.latest_step(c.clip_workdir, "clip", c.get("clip_step"))
+  for field in ("name", "seed"):
+    if c.data.get(field) != clip_config.data.get(field):
+      raise ConfigError(
+          f"data.{field}={c.data.get(field)!r} but the CLIP in {c.clip_workdir} was "
+          f"trained with {clip_config.data.get(field)!r}; set "
+          f"--config.data.{field}={clip_config.data.get(field)}")
+  clip_emoji = clip_config.data.get("num_emoji") or 0  # 0: every emoji
+  emoji = c.data.get("num_emoji") or 0
+  if c.data.name in BUNDLED_BUILDERS and clip_emoji and not 0 < emoji <= clip_emoji:
+    raise ConfigError(
+        f"data.num_emoji={emoji} but the CLIP in {c.clip_workdir} knows only the first "
+        f"{clip_emoji} emoji; set --config.data.num_emoji to at most {clip_emoji}")
+  return clip_config
+
+
+
+
+def build_unet(config: ml_collections.ConfigDict, *, image_embedding_dim: int,
+               vocab_size: int, context_length: int) -> UNet:
+  """The UNet a decoder config describes, for a CLIP of these sizes (its embedding
+  width, tokenizer vocabulary and context; `model.text_context` overrides the
+  context)."""
+  m = config.model
+  return UNet(
+      base_channels=m.base_channels, channel_mults=tuple(m.channel_mults),
+      num_res_blocks=m.num_res_blocks,
+      attention_resolutions=tuple(m.attention_resolutions),
+      resolution=config.data.resolution, head_channels=m.head_channels,
+      dropout=m.dropout, out_channels=6 if m.learned_variance else 3,
+      norm_groups=m.norm_groups, image_embedding_dim=image_embedding_dim,
+      num_image_tokens=m.num_image_tokens, vocab_size=vocab_size,
+      context_length=m.get("text_context") or context_length,
+      text_width=m.text_width, text_depth=m.text_depth, text_heads=m.text_heads,
+      dtype=diffusion_common.DTYPES[config.dtype], remat=m.remat)
+
+
+def fit_context(tokens: jax.Array, length: int) -> jax.Array:
+  """int [B, L] -> int32 [B, length]: the first `length` tokens, or right-padded
+  with the pad id 0."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.shape[1] >= length:
+    return tokens[:, :length]
+  return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
+
+
+def training_draws(rng: jax.Array, batch_size: int, image_shape: Sequence[int], *,
+                   num_timesteps: int, image_embedding_drop_prob: float,
+                   text_drop_prob: float) -> dict[str, jax.Array]:
+  """Every random choice of a training loss but dropout, from two draws.
+
+  Returns `drop_image_embedding`, `drop_text` (bool [B], independent Bernoullis: z_i
+  replaced by the learned null, the caption by the empty one), `t` (int32 [B]
+  step indices, uniform over the schedule) and `noise` ([B, *image_shape]). Two
+  draws, not four: each is a threefry kernel, and they dominate this step's
+  compile time on CPU.
+  """
+  uniform_rng, normal_rng = jax.random.split(rng)
+  uniforms = jax.random.uniform(uniform_rng, (batch_size, 3))
+  t = jnp.minimum((uniforms[:, 2] * num_timesteps).astype(jnp.int32),
+                  num_timesteps - 1)
+  return {"drop_image_embedding": uniforms[:, 0] < image_embedding_drop_prob,
+          "drop_text": uniforms[:, 1] < text_drop_prob, "t": t,
+          "noise": jax.random.normal(normal_rng, (batch_size, *image_shape))}
+
+
+class Decoder:
+  """The decoder's UNet and noise schedule: its training loss and its guided
+  sampler, shared by the stage and the sampling pipeline."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_embedding_dim: int,
+               vocab_size: int, context_length: int):
+    self.config = config
+    m = config.model
+    self.model = build_unet(config, image_embedding_dim=image_embedding_dim,
+                            vocab_size=vocab_size, context_length=context_length)
+    self.image_embedding_dim = image_embedding_dim
+    self.context_length = self.model.context_length  # caption tokens read
+    self.resolution = config.data.resolution
+    self.parameterization = m.parameterization
+    self.learned_variance = bool(m.learned_variance)
+    self.schedule = diffusion_common.schedule_from_config(config)
+    self._sampler = diffusion_common.make_ddim_sampler(
+        self._apply, self.schedule, parameterization=self.parameterization,
+        learned_variance=self.learned_variance)
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """Params boxed with logical axis names."""
+    side = self.resolution
+    return self.model.init(
+        rng, jnp.zeros((1, side, side, 3)), jnp.zeros((1,), jnp.int32),
+        image_embedding=jnp.zeros((1, self.image_embedding_dim)),
+        tokens=jnp.zeros((1, self.context_length), jnp.int32))["params"]
+
+  def _apply(self, params, x_t, t, condition, drop_image_embedding, drop_text=None,
+             dropout_rng=None):
+    """UNet output for x_t [B, H, W, 3] at original timesteps t [B]; condition is
+    (z_i [B, D], tokens [B, L]). One `drop` for both (guidance's unconditional
+    half drops z_i and the caption together) unless drop_text is given."""
+    image_embedding, tokens = condition
+    return self.model.apply(
+        {"params": params}, x_t, t,
+        image_embedding=image_embedding.astype(jnp.float32),
+        tokens=fit_context(tokens, self.context_length),
+        drop_image_embedding=drop_image_embedding,
+        drop_text=drop_image_embedding if drop_text is None else drop_text,
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  def losses(self, params, batch, rng: jax.Array, *, train: bool = True
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example loss [B] on a batch of `image` [B, R, R, 3] in [-1, 1],
+    `image_embedding` [B, D], `tokens` [B, L]; and aux [B] arrays: `mse`, `vlb`
+    (learned variance), the drop masks.
+
+    `train=False` (held-out loss): nothing dropped, no dropout.
+    """
+    m = self.config.model
+    images = batch[IMAGE]
+    draws_rng, dropout_rng = jax.random.split(rng)
+    draws = training_draws(
+        draws_rng, images.shape[0], images.shape[1:],
+        num_timesteps=self.schedule.num_timesteps,
+        image_embedding_drop_prob=m.image_embedding_drop_prob if train else 0.0,
+        text_drop_prob=m.text_drop_prob if train else 0.0)
+    use_dropout = train and self.model.dropout > 0
+    condition = (batch[IMAGE_EMBEDDING], batch[TOKENS])
+    model_fn = lambda x_t, t: self._apply(
+        params, x_t, t, condition, draws["drop_image_embedding"], draws["drop_text"],
+        dropout_rng=dropout_rng if use_dropout else None)
+    per_example, aux = diffusion_common.image_losses(
+        self.schedule, model_fn, images, None, t=draws["t"], noise=draws["noise"],
+        parameterization=self.parameterization,
+        learned_variance=self.learned_variance, vlb_weight=m.vlb_weight)
+    aux = {k: v for k, v in aux.items() if k != "t"}
+    aux["image_embedding_dropped"] = draws["drop_image_embedding"]
+    aux["text_dropped"] = draws["drop_text"]
+    return per_example, aux
+
+  def sample(self, params, image_embedding, tokens, rng: jax.Array, *,
+             num_steps: int | None = None, guidance_scale: float | None = None,
+             eta: float | None = None, clip_denoised: bool | None = None,
+             threshold_percentile: float | None = None) -> jax.Array:
+    """Images float32 [B, R, R, 3] (roughly in [-1, 1]) for CLIP image embeddings
+    z_i [B, D] and caption tokens int [B, L] (CLIP's tokenizer; None: the empty
+    caption), by guided DDIM in one compiled call.
+
+    Defaults come from `config.sample`. Guidance mixes the conditional output with
+    the one where z_i and the caption are both dropped. The same rng gives the
+    same x_T, whatever the condition (fix it to interpolate between z_i).
+    """
+    s = self.config.sample
+    image_embedding = jnp.asarray(image_embedding, jnp.float32)
+    batch_size = image_embedding.shape[0]
+    if tokens is None:
+      tokens = jnp.zeros((batch_size, self.context_length), jnp.int32)
+    side = self.resolution
+    return self._sampler(
+        params, (image_embedding, fit_context(tokens, self.context_length)), rng,
+        shape=(batch_size, side, side, 3),
+        num_steps=int(num_steps or s.num_steps),
+        guidance_scale=float(s.guidance_scale if guidance_scale is None
+                             else guidance_scale),
+        eta=float(s.eta if eta is None else eta),
+        clip_denoised=bool(s.clip_denoised if clip_denoised is None
+                           else clip_denoised),
+        threshold_percentile=threshold_percentile)
+
+
+
+
+def resize_image(image: np.ndarray, side: int) -> np.ndarray:
+  """uint8 [S, S, 3] -> uint8 [side, side, 3]: area-averaged when shrinking (a
+  2x shrink is the mean of each 2x2 block), bicubic when enlarging."""
+  image = np.asarray(image)
+  if image.shape[0] == side and image.shape[1] == side:
+    return image
+  method = (Image.Resampling.BOX if image.shape[0] >= side
+            else Image.Resampling.BICUBIC)
+  return np.asarray(Image.fromarray(image).resize((side, side), method), np.uint8)
+
+
+class SquareImages:
+  """A data source whose images are uint8 [side, side, 3]: the bundled data at
+  the CLIP's resolution passes through; other data is centre-cropped and resized
+  (what the embedding cache, which stacks images, needs)."""
+
+  def __init__(self, source, side: int):
+    self._source = source
+    self._side = side
+    self._resize = center_crop_and_resize(side)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _square(self, record: dict) -> dict:
+    if np.shape(record[IMAGE]) == (self._side, self._side, 3):
+      return record
+    return self._resize(record)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._square(self._source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    return [self._square(r) for r in self._source.__getitems__(list(indices))]
+
+  def __repr__(self) -> str:  # no address: grain and the cache compare it
+    return f"SquareImages({self._source!r}, side={self._side})"
+
+
+class PairedSource:
+  """Record i of the image source with z_i and the caption tokens of record i of
+  its embedding cache (built from that source, in order). Each read checks that
+  the two captions agree, so a misaligned pair cannot train silently."""
+
+  def __init__(self, images, cache: embedding_cache.EmbeddingCache):
+    if len(images) != len(cache):
+      raise ValueError(f"{images!r} has {len(images)} records but its embedding "
+                       f"cache {cache!r} {len(cache)}; delete the cache to rebuild")
+    self.images = images
+    self.cache = cache
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  @staticmethod
+  def _pair(index: int, record: dict, cached: dict) -> dict:
+    if cached[CAPTION] != record[CAPTION]:
+      raise ValueError(f"record {index}: the cache holds {cached[CAPTION]!r}, the "
+                       f"data {record[CAPTION]!r}; delete the cache to rebuild")
+    return {**record, IMAGE_EMBEDDING: cached[IMAGE_EMBEDDING],
+            TOKENS: cached[TOKENS]}
+
+  def __getitem__(self, index: int) -> dict:
+    return self._pair(index, self.images[index], self.cache[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    indices = list(indices)
+    return [self._pair(i, r, c) for i, r, c in zip(
+        indices, self.images.__getitems__(indices), self.cache.__getitems__(indices))]
+
+  def __repr__(self) -> str:
+    return f"PairedSource({self.images!r}, {self.cache!r})"
+
+
+def _write_frozen_clip(path: str, clip: frozen.FrozenClip) -> None:
+  info = {"fingerprint": clip.fingerprint, "workdir": clip.workdir, "step": clip.step,
+          "embed_dim": clip.embed_dim, "vocab_size": clip_vocab_size(clip),
+          "context_length": clip.context_length, "resolution": clip.resolution}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f)
+  os.replace(tmp, path)
+
+
+
+
+class DecoderStage(Stage):
+  """Trains the decoder on images and a frozen CLIP's cached image embeddings."""
+
+  def validate(self):
+    check_clip_workdir(self.config)
+    validate_config(self.config)
+
+  def prepare(self):
+    c = self.config
+    self.clip = frozen.FrozenClip(c.clip_workdir, step=c.get("clip_step"))
+    tokenizer_path = os.path.join(self.workdir, TOKENIZER_FILENAME)
+    if jax.process_index() == 0 and not os.path.exists(tokenizer_path):
+      # Captions are read through the CLIP's tokenizer: keep it with the run.
+      shutil.copyfile(os.path.join(self.clip.workdir, TOKENIZER_FILENAME),
+                      tokenizer_path)
+    if jax.process_index() == 0:
+      _write_frozen_clip(os.path.join(self.workdir, FROZEN_CLIP_FILENAME), self.clip)
+    # z_i is computed from images at the CLIP's resolution, whatever the decoder's.
+    data_at_clip = ml_collections.ConfigDict(c.data.to_dict())
+    data_at_clip.resolution = self.clip.resolution
+    self.sources = {}
+    for split in (c.data.train_split, c.data.eval_split):
+      images = SquareImages(pipeline.get_data_source(data_at_clip, split),
+                            self.clip.resolution)
+      cache = embedding_cache.build_or_load(self.workdir, split, images, self.clip,
+                                            batch_size=c.cache_batch_size)
+      self.sources[split] = PairedSource(images, cache)
+    self.train_source = self.sources[c.data.train_split]
+    self.eval_source = self.sources[c.data.eval_split]
+    self.decoder = Decoder(c, image_embedding_dim=self.clip.embed_dim,
+                           vocab_size=clip_vocab_size(self.clip),
+                           context_length=self.clip.context_length)
+    for source in (self.train_source, self.eval_source):
+      longest = source.cache.manifest["max_tokens"]
+      if longest > self.decoder.context_length:
+        log.warning("%s captions have up to %d tokens; the decoder reads the first %d "
+                    "(model.text_context)", source.cache.name, longest,
+                    self.decoder.context_length)
+    needed = max(c.eval.num_examples, c.eval.num_samples)
+    if len(self.eval_source) < needed:
+      raise ConfigError(
+          f"the {c.data.eval_split!r} split has {len(self.eval_source)} examples, "
+          f"fewer than eval.num_examples / eval.num_samples = {needed}; lower them")
+
+  def _model_inputs(self, record):
+    return {IMAGE: resize_image(record[IMAGE], self.config.data.resolution),
+            IMAGE_EMBEDDING: record[IMAGE_EMBEDDING], TOKENS: record[TOKENS]}
+
+  def init_params(self, rng):
+    return self.decoder.init_params(rng)
+
+  def loss(self, params, batch, rng):
+    per_example, aux = self.decoder.losses(params, batch, rng)
+    metrics = {k: v.astype(jnp.float32).mean() for k, v in aux.items()}
+    return per_example.mean(), metrics
+
+  def train_iterator(self):
+    return pipeline.make_train_iterator(
+        self.train_source, global_batch_size=self.config.batch_size,
+        seed=self.config.seed, preprocess=self._model_inputs)
+
+  @functools.cached_property
+  def _eval_losses(self):
+    def losses(params, batch, rng):
+      per_example, aux = self.decoder.losses(params, batch, rng, train=False)
+      return {"loss": per_example, **{k: aux[k] for k in ("mse", "vlb") if k in aux}}
+    return jax.jit(losses)
+
+  def eval_examples(self) -> list[int]:
+    """A fixed random subset of the held-out split; the first eval.num_samples are
+    the captions of the samples grid."""
+    order = np.random.default_rng(0).permutation(len(self.eval_source))
+    count = max(self.config.eval.num_examples, self.config.eval.num_samples)
+    return order[:count].tolist()
+
+  def held_out(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Held-out records `indices` stacked: `image` uint8 at the decoder's
+    resolution, `image_embedding`, `tokens`, `caption` and any integer labels."""
+    records = self.eval_source.__getitems__(list(indices))
+    side = self.config.data.resolution
+    return pipeline.stack_records([
+        {**{k: v for k, v in r.items() if k != IMAGE and (
+            k in (IMAGE_EMBEDDING, TOKENS, CAPTION) or np.ndim(v) == 0
+            and np.issubdtype(np.asarray(v).dtype, np.integer))},
+         IMAGE: resize_image(r[IMAGE], side)} for r in records])
+
+  def _sample_all(self, params, arrays: dict, rng: jax.Array) -> np.ndarray:
+    """uint8 [N, R, R, 3] samples for arrays of z_i and tokens, in eval batches."""
+    def sample(batch, start):
+      return self.decoder.sample(params, batch[IMAGE_EMBEDDING], batch[TOKENS],
+                                 jax.random.fold_in(rng, start))
+    condition = {k: arrays[k] for k in (IMAGE_EMBEDDING, TOKENS)}
+    return grid.to_uint8(diffusion_common.map_batches(
+        sample, condition, self.config.eval.batch_size))
+
+  @functools.cached_property
+  def _templates(self) -> decoder_eval.SceneTemplates | None:
+    return decoder_eval.SceneTemplates.from_sources(
+        [s.images for s in self.sources.values()],
+        functools.partial(resize_image, side=self.config.data.resolution))
+
+  def evaluate(self, params, step):
+    c = self.config
+    rng = jax.random.key(c.seed + 1)  # the same t, noise and x_T at every evaluation
+    sums, count = {}, 0.0
+    for index, batch in enumerate(pipeline.eval_batches(
+        self.eval_source, batch_size=c.eval.batch_size,
+        preprocess=self._model_inputs, limit=c.eval.loss_examples)):
+      mask = batch.pop("mask")
+      out = jax.device_get(self._eval_losses(
+          params, {k: batch[k] for k in MODEL_INPUTS}, jax.random.fold_in(rng, index)))
+      for name, values in out.items():
+        sums[name] = sums.get(name, 0.0) + float(np.sum(np.asarray(values)[mask]))
+      count += float(mask.sum())
+    metrics = {f"eval/{name}": total / count for name, total in sums.items()}
+
+    examples = self.held_out(self.eval_examples()[:c.eval.num_examples])
+    samples = self._sample_all(params, examples, jax.random.fold_in(rng, 1 << 20))
+    metrics.update(self._clip_agreement(samples, examples))
+    metrics.update(self._clip_agreement(examples[IMAGE], examples, "_truth"))
+    if self._templates is not None:
+      metrics.update(self._templates.accuracies(samples, examples))
+    return metrics
+
+  def _clip_agreement(self, images, examples, suffix=""):
+    """CLIP's view of decoder-resolution images, resized to its own resolution."""
+    side = self.clip.resolution
+    return decoder_eval.clip_agreement(
+        self.clip, np.stack([resize_image(x, side) for x in images]),
+        examples[IMAGE_EMBEDDING], suffix)
+
+  def write_samples(self, params, step):
+    """workdir/samples/step_<N>.png: a row per fixed held-out caption,
+    eval.samples_per_caption samples, then the true image."""
+    if jax.process_index() != 0:
+      return
+    e = self.config.eval
+    examples = self.held_out(self.eval_examples()[:e.num_samples])
+    repeated = {k: np.repeat(v, e.samples_per_caption, axis=0)
+                for k, v in examples.items()}
+    samples = self._sample_all(params, repeated,
+                               jax.random.key(self.config.seed + 3))
+    path = os.path.join(self.workdir, "samples", f"step_{step}.png")
+    decoder_eval.write_sample_grid(path, samples, examples[IMAGE],
+                                   list(examples[CAPTION]))
+    log.info("wrote %s", path)
+
+
+def clip_vocab_size(clip: frozen.FrozenClip) -> int:
+  """Token ids the decoder's embedding table must hold: the CLIP tokenizer's
+  configured vocabulary (an upper bound of the trained one)."""
+  return int(clip.config.tokenizer.vocab_size)
+
+
+
+
+class TrainedDecoder(NamedTuple):
+  config: ml_collections.ConfigDict
+  decoder: Decoder
+  params: Any  # EMA params
+  step: int
+  clip_fingerprint: str  # FrozenClip.fingerprint of the CLIP it was trained on
+
+
+def load_decoder(workdir: str, step: int | None = None,
+                 sharding: Any = None) -> TrainedDecoder:
+  """A trained decoder from its workdir alone: (config, Decoder, EMA params, step,
+  clip_fingerprint).
+
+  Sample with `decoder.sample(params, z_i, tokens, rng)`: z_i [B, D] from the CLIP in
+  `config.clip_workdir` (or the prior), tokens from that CLIP's tokenizer
+  (`FrozenClip.tokenize`); compare `clip_fingerprint` with `FrozenClip.fingerprint`
+  to catch a CLIP retrained since.
+  """
+  config, params, step = frozen.load_trained(workdir, "decoder", step, sharding)
+  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
+  if not os.path.exists(path):
+    raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
+                       "written by a decoder run")
+  with open(path) as f:
+    clip = json.load(f)
+  decoder = Decoder(config, image_embedding_dim=clip["embed_dim"],
+                    vocab_size=clip["vocab_size"],
+                    context_length=clip["context_length"])
+  return TrainedDecoder(config, decoder, params, step, clip["fingerprint"])

@@ -1,0 +1,121 @@
+"""The one trainer loop every stage runs through."""
+import logging
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from unclip_jax import stages
+from unclip_jax.parallel import mesh as mesh_lib
+from unclip_jax.parallel import partitioning
+from unclip_jax.train import checkpoint, config_checks, optim, progress, state
+from unclip_jax.train.metrics import MetricWriter
+from unclip_jax.train.step import jit_train_step
+
+log = logging.getLogger(__name__)
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  fetched = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _abstract_batch(local_batch: dict, mesh, rules) -> tuple[Any, Any]:
+  """Global ShapeDtypeStructs and shardings for a host-local batch."""
+  scale = jax.process_count()
+  shardings = partitioning.shard_batch_tree(local_batch, mesh, rules)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((x.shape[0] * scale,) + x.shape[1:],
+                                        x.dtype, sharding=s),
+      local_batch, shardings)
+  return abstract, shardings
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.stage` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last evaluation metrics.
+  """
+  stage = stages.get_stage(config.stage)(config, workdir)
+  config_checks.check_common(config)
+  stage.validate()
+  config_checks.prepare_workdir(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.dcn_shape)
+  rules = partitioning.rules_from_config(config.mesh.rules)
+  stage.prepare()
+
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  manager = checkpoint.make_manager(workdir, config)
+  iterator = stage.train_iterator()
+  latest = manager.latest_step()
+  if latest is None:
+    train_state, shardings = state.sharded_init(
+        stage.init_params, tx, mesh, rules, init_rng)
+  else:
+    target, shardings = state.abstract_state(stage.init_params, tx, mesh,
+                                             rules, init_rng)
+    train_state = checkpoint.restore(manager, latest, target, iterator)
+    log.info("resumed from step %d in %s", latest, workdir)
+    if latest >= config.total_steps:
+      log.info("already trained to step %d; raise --config.total_steps to "
+               "train longer", latest)
+      manager.close()
+      return {}
+
+  first = next(iterator)
+  abstract_batch, batch_shardings = _abstract_batch(first, mesh, rules)
+  replicated = partitioning.replicated(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jit_train_step(stage.loss, tx, config.optim.ema_decay,
+                             shardings, batch_shardings, replicated)
+    compiled = step_fn.lower(train_state, abstract_batch, train_rng).compile()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list) else cost
+  meter = progress.Progress(
+      total_steps=config.total_steps, batch_size=config.batch_size,
+      flops_per_step_per_device=float(cost.get("flops", 0.0)),
+      peak_flops=progress.peak_flops_per_device(config.get("peak_flops")))
+
+  writer = MetricWriter(workdir)
+  step = int(jax.device_get(train_state.step))
+  history, eval_metrics, batch = [], {}, first
+  meter.start(step)
+  while step < config.total_steps:
+    global_batch = jax.tree.map(
+        lambda x, s: jax.make_array_from_process_local_data(s, x),
+        batch, batch_shardings)
+    train_state, metrics = compiled(train_state, global_batch, train_rng)
+    history.append(metrics)
+    step += 1
+    last = step == config.total_steps
+    if step % config.log_every == 0 or last:
+      summary = _mean_metrics(history)  # the only host sync between logs
+      history = []
+      summary.update(meter.measure(step))
+      log.info(meter.line(step, summary["train/loss"], summary))
+      writer.write(step, summary)
+    if step % config.eval_every == 0 or last:
+      began = time.perf_counter()
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        eval_metrics = stage.evaluate(train_state.ema_params, step)
+        stage.write_samples(train_state.ema_params, step)
+      writer.write(step, eval_metrics)
+      if eval_metrics:
+        log.info("eval at step %d: %s", step, ", ".join(
+            f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+      meter.exclude(time.perf_counter() - began)
+    if step % config.checkpoint_every == 0 or last:
+      began = time.perf_counter()
+      checkpoint.save(manager, step, train_state, iterator, config,
+                      force=last)
+      meter.exclude(time.perf_counter() - began)
+    if not last:
+      batch = next(iterator)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return eval_metrics
