@@ -21,15 +21,18 @@ def _setup(stage, mesh_shape, devices):
 
 
 def initial_state(stage):
-  """A host copy of the stage's state, initialised once on one device.
+  """A host copy of a train state with numpy-drawn params (nonzero everywhere).
 
-  Each mesh then gets this state placed by the params' logical axes:
-  threefry init compiles slowly on CPU, and placing tests the same thing.
+  Each mesh gets this state placed by the params' logical axes; drawing with
+  numpy avoids compiling the (slow on CPU) threefry init at all.
   """
-  mesh, rules, tx = _setup(stage, (1, 1, 1), jax.devices()[:1])
-  train_state, _ = state.sharded_init(stage.init_params, tx, mesh, rules,
-                                      jax.random.key(0))
-  return jax.device_get(train_state)
+  _, _, tx = _setup(stage, (1, 1, 1), jax.devices()[:1])
+  abstract = nn.unbox(jax.eval_shape(stage.init_params, jax.random.key(0)))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(
+      lambda leaf: np.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype),
+      abstract)
+  return jax.device_get(state.new_state(params, tx))
 
 
 def two_steps(stage, batch, mesh_shape, initial, devices=None):
