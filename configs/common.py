@@ -20,14 +20,28 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  c.dtype = "float32"  # compute dtype; params stay float32
+  # Compute dtype: "bfloat16" runs matmuls, attention and convolutions in
+  # bf16; params, optimizer state, norm statistics, softmax and losses stay f32.
+  c.dtype = "float32"
   # Peak FLOP/s per device for perf/mfu; unset = looked up by device kind.
   c.peak_flops = ml_collections.config_dict.placeholder(float)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # in-slice ('data', 'fsdp', 'tensor'); -1 = rest
   c.mesh.dcn_shape = (1, 1, 1)  # across slices, multiplies `shape`
-  c.mesh.rules = DEFAULT_RULES  # logical axis name -> mesh axes
+  c.mesh.rules = DEFAULT_RULES  # logical axis name -> mesh axes (fallbacks)
+  # With fsdp > 1, refuse to start if more of the parameter bytes than this
+  # would be whole on every device (unclip_jax/parallel/coverage.py).
+  c.mesh.max_replicated_fraction = 0.02
+
+  # Multi-host (unclip_jax/parallel/distributed.py): "auto" joins a TPU pod,
+  # a SLURM `srun` or an `mpirun` job when it finds one; "yes" / "no" force it.
+  # A coordinator set here (all three fields) wins over the environment.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -40,6 +54,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0  # decoupled; never on biases, norms, scalars
   c.optim.grad_clip = 1.0  # global norm; 0 disables
   c.optim.ema_decay = 0.999  # 0 disables EMA
+  # Microbatches per step: the step scans over batch_size / grad_accum_steps
+  # examples at a time and averages their gradients (the same update as the
+  # whole batch, in less memory). CLIP contrasts within each microbatch.
+  c.optim.grad_accum_steps = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "emoji_scenes"

@@ -25,7 +25,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c.model.num_res_blocks = 1
   c.model.norm_groups = 8
   c.model.dropout = 0.0
-  c.model.remat = False
+  # Recompute block activations in the backward pass: "none" | "full" |
+  # "dots" (models/remat.py). A resumed run may change it.
+  c.model.remat = "none"
   # How the low-res input is made from the full image: 'blur' (gaussian blur,
   # kernel 3, sigma 0.6, then downsample: the 64->256 stage) or 'bsr' (the
   # BSR-like mix: the 256->1024 stage).

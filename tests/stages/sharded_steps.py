@@ -1,5 +1,8 @@
 """Shared by the stages' sharding tests: two train steps on a mesh, compared
-with the same two steps on one device."""
+with the same two steps on one device.
+
+Meshes: pure data parallel, data x fsdp, all three axes, and fsdp x tensor.
+"""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -9,7 +12,7 @@ from unclip_jax.parallel.mesh import make_mesh
 from unclip_jax.train import optim, state
 from unclip_jax.train.step import jit_train_step
 
-MESH_SHAPES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
 
 def _setup(stage, mesh_shape, devices):
@@ -59,9 +62,16 @@ def reference_steps(stage, batch):
   return initial, result
 
 
+def split_on(leaf, mesh_axis: str) -> bool:
+  """Whether a live array is split over `mesh_axis`."""
+  return any(axis == mesh_axis or (isinstance(axis, tuple) and mesh_axis in axis)
+             for axis in leaf.sharding.spec)
+
+
 def assert_steps_match(reference, got, live, mesh_shape, *, equal_keys=(),
                        atol=1e-5):
-  """Loss, grad norm and params after two steps agree; the mesh was used."""
+  """Loss, grad norm and params after two steps agree; the mesh was used:
+  with fsdp or tensor > 1, every large param is split."""
   ref_state, ref_metrics = reference
   got_state, got_metrics = got
   for ref, new in zip(ref_metrics, got_metrics):
@@ -73,6 +83,7 @@ def assert_steps_match(reference, got, live, mesh_shape, *, equal_keys=(),
                                ref["train/grad_norm"], rtol=1e-4)
   jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=atol),
                got_state.params, ref_state.params)
-  if mesh_shape[1] * mesh_shape[2] > 1:  # fsdp or tensor: some params split
-    assert any(not x.sharding.is_fully_replicated
-               for x in jax.tree.leaves(live.params))
+  if mesh_shape[1] * mesh_shape[2] > 1:  # fsdp or tensor: big params split
+    whole = [x.shape for x in jax.tree.leaves(live.params)
+             if x.size >= 1024 and x.sharding.is_fully_replicated]
+    assert not whole, whole

@@ -5,15 +5,16 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import clip as clip_config
 from configs import decoder as decoder_config
-from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError, WorkdirError
 from unclip_jax.stages import decoder as decoder_lib
+from unclip_jax.stages import decoder_model
 from unclip_jax.stages.decoder import DecoderStage, PairedSource
 from unclip_jax.stages.frozen import FrozenClip
 from unclip_jax.train import loop
@@ -130,7 +131,7 @@ def test_misaligned_pairs_are_refused(stage):
 
 
 def test_guidance_drops_at_the_configured_rates():
-  draws = jax.device_get(decoder_lib.training_draws(
+  draws = jax.device_get(decoder_model.training_draws(
       jax.random.key(0), 100_000, (1,), num_timesteps=1000,
       image_embedding_drop_prob=0.1, text_drop_prob=0.5))
   image, text = draws["drop_image_embedding"], draws["drop_text"]
@@ -140,10 +141,19 @@ def test_guidance_drops_at_the_configured_rates():
   assert draws["t"].min() == 0 and draws["t"].max() == 999
   assert abs(draws["t"].mean() - 499.5) < 5
   # Held-out losses drop nothing.
-  none = jax.device_get(decoder_lib.training_draws(
+  none = jax.device_get(decoder_model.training_draws(
       jax.random.key(0), 1000, (1,), num_timesteps=1000,
       image_embedding_drop_prob=0.0, text_drop_prob=0.0))
   assert not none["drop_image_embedding"].any() and not none["drop_text"].any()
+
+
+def test_coordinate_channels_give_each_pixel_its_row_and_column():
+  images = jnp.zeros((2, 4, 6, 3))
+  with_xy = np.asarray(decoder_model.with_coordinates(images))
+  assert with_xy.shape == (2, 4, 6, 5)
+  np.testing.assert_allclose(with_xy[1, :, 0, 3], [-1, -1 / 3, 1 / 3, 1], atol=1e-6)
+  np.testing.assert_allclose(with_xy[0, 2, :, 4], np.linspace(-1, 1, 6), atol=1e-6)
+  assert not with_xy[..., :3].any()
 
 
 def test_scene_accuracy_of_the_true_images_is_perfect(stage):

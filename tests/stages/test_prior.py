@@ -1,6 +1,5 @@
 """The prior stage on a tiny CLIP trained once: end to end through the loop, the
 embedding cache (reuse, rebuild, atomic), FrozenClip, and the clip_workdir errors."""
-import json
 import logging
 import os
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import remat as remat_lib
 from unclip_jax.models.precision import dot_general_f32_accumulate
 from unclip_jax.parallel.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS,
                                       ACT_LENGTH, ACT_MLP, EMBED, HEADS, KV,
@@ -18,7 +19,7 @@ from unclip_jax.parallel.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS,
 
 Dtype = Any
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = remat_lib.REMAT_POLICIES
 
 dense_init = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
@@ -207,18 +208,9 @@ class _ScanBlock(TransformerBlock):
 
 
 def _remat(block_cls, policy_name: str, scan_layers: bool):
-  if policy_name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy {policy_name!r}: use one of "
-                     f"{REMAT_POLICIES}")
-  if policy_name == "none":
-    return block_cls
-  # 'dots' keeps the weight matmul outputs (no batch dims) and recomputes the
-  # rest; 'full' keeps only the block inputs.
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            if policy_name == "dots" else None)
   # Argument 3 is `deterministic` (0 is the module itself): a Python bool.
-  return nn.remat(block_cls, policy=policy, prevent_cse=not scan_layers,
-                  static_argnums=(3,))
+  return remat_lib.remat(block_cls, policy_name, prevent_cse=not scan_layers,
+                         static_argnums=(3,))
 
 
 class TransformerStack(nn.Module):

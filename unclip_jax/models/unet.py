@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import remat as remat_lib
 from unclip_jax.models.embeddings import timestep_embedding
 from unclip_jax.models.unet_blocks import (IMAGE_AXES, AttentionBlock, CaptionEncoder,
                                            Dense, Dtype, ResBlock, conv, group_norm,
@@ -50,7 +51,9 @@ class UNet(nn.Module):
   # Upsampler: concatenate the bilinearly upsampled low-res image to the input.
   low_res_conditioning: bool = False
   dtype: Dtype = jnp.float32
-  remat: bool = False  # recompute each block's activations in the backward pass
+  # Recompute block activations in the backward pass: a policy name of
+  # models/remat.py ("none" | "full" | "dots"), or a bool (True = "full").
+  remat: bool | str = False
 
   @property
   def has_text(self) -> bool:
@@ -116,7 +119,8 @@ class UNet(nn.Module):
         tokens = jnp.where(drop_text[:, None], 0, tokens)
       text, pooled, text_mask = CaptionEncoder(
           self.vocab_size, self.context_length, self.text_width, self.text_depth,
-          self.text_heads, self.dtype, name="caption_encoder")(tokens)
+          self.text_heads, self.dtype, remat_lib.policy_name(self.remat),
+          name="caption_encoder")(tokens)
       emb = emb + Dense(emb_width, (EMBED, MLP), self.dtype, name="text_embed")(pooled)
       context.append(text)
       context_mask.append(text_mask)
@@ -170,8 +174,8 @@ class UNet(nn.Module):
 
     emb, context, context_mask = self._conditioning(
         batch, timesteps, image_embedding, tokens, drop_image_embedding, drop_text)
-    res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+    res_block = remat_lib.remat(ResBlock, self.remat, static_argnums=(3,))
+    attn_block = remat_lib.remat(AttentionBlock, self.remat)
 
     def resnet(h, channels, name, resample=None):
       return res_block(channels, self.norm_groups, self.dropout, resample,

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import remat as remat_lib
 from unclip_jax.parallel.axes import (ACT_BATCH, ACT_CHANNELS, ACT_EMBED, ACT_HEADS,
                                       ACT_HEIGHT, ACT_LENGTH, ACT_MLP, ACT_WIDTH,
                                       CONV_IN, CONV_OUT, EMBED, HEADS, KV, LAYERS, MLP,
@@ -254,6 +255,7 @@ class CaptionEncoder(nn.Module):
   depth: int
   heads: int
   dtype: Dtype = jnp.float32
+  remat_policy: str = "none"  # models/remat.py
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -275,7 +277,9 @@ class CaptionEncoder(nn.Module):
     x = jnp.take(token_embedding, tokens, axis=0) + positions[None, :length]
     x = jnp.where(mask[..., None], x, padding[None, :length]).astype(self.dtype)
     x = nn.with_logical_constraint(x, SEQUENCE_AXES)
-    blocks = nn.scan(TextBlock, variable_axes={"params": 0},
+    # Under scan, remat needs no CSE barrier (prevent_cse=False).
+    block = remat_lib.remat(TextBlock, self.remat_policy, prevent_cse=False)
+    blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True}, in_axes=nn.broadcast,
                      length=self.depth, metadata_params={nn.PARTITION_NAME: LAYERS})
     x, _ = blocks(self.heads, self.dtype, name="blocks")(x, mask)

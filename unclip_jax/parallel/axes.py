@@ -2,9 +2,9 @@
 
 Models name their parameter and activation axes with these strings
 (`nn.with_logical_partitioning`, `nn.with_logical_constraint`); configs map them
-to the mesh axes ('data', 'fsdp', 'tensor'). A rule may list several mesh axes
-as fallbacks: the first one not already used by another dimension of the same
-array wins (as in MaxText).
+to the mesh axes ('data', 'fsdp', 'tensor'). A logical name may have several
+rules, tried in order (fallbacks, as in MaxText): see
+`partitioning.resolve_spec`.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -32,8 +32,13 @@ ACT_HEIGHT = "activation_height"
 ACT_WIDTH = "activation_width"
 ACT_CHANNELS = "activation_channels"
 
-# Default rules: data parallel over ('data', 'fsdp') for activations, FSDP on
-# the model width, tensor parallelism on heads / MLP / conv output channels.
+# Default rules. Activations: batch over ('data', 'fsdp'), heads / MLP /
+# channels over 'tensor'. Parameters: FSDP on the model width and on conv input
+# channels, tensor parallelism on heads / MLP / vocabulary / conv output
+# channels. A name listed twice falls back to its second rule when the first
+# mesh axis is taken, size 1 or does not divide the dimension
+# (partitioning.resolve_spec): without tensor parallelism an MLP bias or an RGB
+# conv's kernel is still split over 'fsdp'.
 DEFAULT_RULES = (
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_LENGTH, None),
@@ -43,13 +48,17 @@ DEFAULT_RULES = (
     (ACT_HEIGHT, None),
     (ACT_WIDTH, None),
     (ACT_CHANNELS, "tensor"),
-    (EMBED, "fsdp"),
+    (EMBED, "fsdp"),  # never "tensor": that would split the contraction
     (MLP, "tensor"),
+    (MLP, "fsdp"),
     (HEADS, "tensor"),
+    (HEADS, "fsdp"),
     (KV, None),
     (VOCAB, "tensor"),
+    (VOCAB, "fsdp"),
     (CONV_IN, "fsdp"),
     (CONV_OUT, "tensor"),
+    (CONV_OUT, "fsdp"),
     (NORM, None),
     (LAYERS, None),
 )

@@ -1,11 +1,14 @@
 """Image grids as PNG files: what generative stages write to workdir/samples/."""
 import os
+import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 _PAD = 2  # pixels between tiles
 _LABEL_WIDTH = 96  # pixels for per-row labels, left of the grid
+_LABEL_CHARS = 15  # characters of PIL's default font per label line
+_LINE_HEIGHT = 11
 
 
 def to_uint8(images) -> np.ndarray:
@@ -25,7 +28,7 @@ def make_grid(images: np.ndarray, rows: int, cols: int | None = None,
   """uint8 [N, H, W, 3] -> one uint8 image of `rows` x `cols` tiles, row-major.
 
   Missing tiles (N < rows * cols) stay white. `labels` (one per row) are drawn
-  left of their row.
+  left of their row, wrapped to as many lines as the row's height holds.
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -49,9 +52,12 @@ def make_grid(images: np.ndarray, rows: int, cols: int | None = None,
     return grid
   canvas = Image.fromarray(grid)
   draw = ImageDraw.Draw(canvas)
+  max_lines = max(1, height // _LINE_HEIGHT)
   for row, label in enumerate(labels):
-    draw.text((2, _PAD + row * (height + _PAD) + height // 2 - 5), label,
-              fill=(0, 0, 0))
+    lines = textwrap.wrap(str(label), _LABEL_CHARS)[:max_lines] or [""]
+    top = _PAD + row * (height + _PAD) + (height - len(lines) * _LINE_HEIGHT) // 2
+    for index, line in enumerate(lines):
+      draw.text((2, top + index * _LINE_HEIGHT), line, fill=(0, 0, 0))
   return np.asarray(canvas)
 
 

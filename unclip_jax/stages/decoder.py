@@ -1,20 +1,10 @@
 """The decoder stage: CLIP image embedding z_i (+ caption) -> base image (DALL-E 2 §2).
 
-A GLIDE/ADM UNet (models/unet.py) sees z_i twice: projected and added to the
-timestep embedding, and projected into `model.num_image_tokens` context tokens that
-join the caption's token sequence (the UNet's own text transformer, GLIDE's
-pathway) in every attention layer. For classifier-free guidance, z_i is replaced by
-a learned null embedding 10% of the time and the caption by the empty caption 50% of
-the time, independently, so both are dropped 5% of the time. The loss is the MSE to
-the noise or to v, plus improved DDPM's VLB term when the variance is learned.
-Sampling is guided DDIM over a respaced schedule, one compiled function.
-
-Training reads images from the data set and z_i, caption tokens from a frozen CLIP's
-embedding cache (embedding_cache.py) by the same index: `PairedSource`. Images are
-read at the CLIP's resolution (what z_i was computed from) and resized to the
-decoder's `data.resolution`.
-
-`Decoder` (loss, `sample`) and `load_decoder` are what the sampling pipeline reuses.
+The model, its loss and its guided sampler are `decoder_model.Decoder`; the
+training data pairs each image with a frozen CLIP's cached z_i and caption tokens
+by index (`paired_images.PairedSource`). This module is the stage the trainer loop
+runs (config checks, data, evaluation, sample grids) and `load_decoder`, which
+the sampling pipeline uses.
 """
 import functools
 import json
@@ -27,19 +17,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from unclip_jax import diffusion
 from unclip_jax.data import pipeline
-from unclip_jax.data.preprocess import center_crop_and_resize
 from unclip_jax.data.sources import BUNDLED_BUILDERS
 from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.errors import ConfigError, WorkdirError
-from unclip_jax.models.unet import UNet
 from unclip_jax.sample import grid
 from unclip_jax.stages import decoder_eval, diffusion_common, embedding_cache, frozen
 from unclip_jax.stages.base import Stage
+from unclip_jax.stages.decoder_model import Decoder
 from unclip_jax.stages.embedding_cache import IMAGE_EMBEDDING, TOKENS
+from unclip_jax.stages.paired_images import PairedSource, SquareImages, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +51,9 @@ def _check_unet(config: ml_collections.ConfigDict) -> None:
   sides = {side // 2**level: level for level in range(levels)}
   unknown = [s for s in m.attention_resolutions if s not in sides]
   if unknown:
-    raise ConfigError(f"model.attention_resolutions {list(unknown)} are not feature-map "
-                      f"sides {sorted(sides)} of a {side} px UNet; pick from those")
+    raise ConfigError(f"model.attention_resolutions {list(unknown)} are not "
+                      f"feature-map sides {sorted(sides)} of a {side} px UNet; pick "
+                      "from those")
   attended = {sides[s] for s in m.attention_resolutions}
   if attended:
     attended.add(levels - 1)  # the middle block's attention
@@ -137,233 +127,6 @@ def check_clip_workdir(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return clip_config
 
 
-
-
-def build_unet(config: ml_collections.ConfigDict, *, image_embedding_dim: int,
-               vocab_size: int, context_length: int) -> UNet:
-  """The UNet a decoder config describes, for a CLIP of these sizes (its embedding
-  width, tokenizer vocabulary and context; `model.text_context` overrides the
-  context)."""
-  m = config.model
-  return UNet(
-      base_channels=m.base_channels, channel_mults=tuple(m.channel_mults),
-      num_res_blocks=m.num_res_blocks,
-      attention_resolutions=tuple(m.attention_resolutions),
-      resolution=config.data.resolution, head_channels=m.head_channels,
-      dropout=m.dropout, out_channels=6 if m.learned_variance else 3,
-      norm_groups=m.norm_groups, image_embedding_dim=image_embedding_dim,
-      num_image_tokens=m.num_image_tokens, vocab_size=vocab_size,
-      context_length=m.get("text_context") or context_length,
-      text_width=m.text_width, text_depth=m.text_depth, text_heads=m.text_heads,
-      dtype=diffusion_common.DTYPES[config.dtype], remat=m.remat)
-
-
-def fit_context(tokens: jax.Array, length: int) -> jax.Array:
-  """int [B, L] -> int32 [B, length]: the first `length` tokens, or right-padded
-  with the pad id 0."""
-  tokens = jnp.asarray(tokens, jnp.int32)
-  if tokens.shape[1] >= length:
-    return tokens[:, :length]
-  return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
-
-
-def training_draws(rng: jax.Array, batch_size: int, image_shape: Sequence[int], *,
-                   num_timesteps: int, image_embedding_drop_prob: float,
-                   text_drop_prob: float) -> dict[str, jax.Array]:
-  """Every random choice of a training loss but dropout, from two draws.
-
-  Returns `drop_image_embedding`, `drop_text` (bool [B], independent Bernoullis: z_i
-  replaced by the learned null, the caption by the empty one), `t` (int32 [B]
-  step indices, uniform over the schedule) and `noise` ([B, *image_shape]). Two
-  draws, not four: each is a threefry kernel, and they dominate this step's
-  compile time on CPU.
-  """
-  uniform_rng, normal_rng = jax.random.split(rng)
-  uniforms = jax.random.uniform(uniform_rng, (batch_size, 3))
-  t = jnp.minimum((uniforms[:, 2] * num_timesteps).astype(jnp.int32),
-                  num_timesteps - 1)
-  return {"drop_image_embedding": uniforms[:, 0] < image_embedding_drop_prob,
-          "drop_text": uniforms[:, 1] < text_drop_prob, "t": t,
-          "noise": jax.random.normal(normal_rng, (batch_size, *image_shape))}
-
-
-class Decoder:
-  """The decoder's UNet and noise schedule: its training loss and its guided
-  sampler, shared by the stage and the sampling pipeline."""
-
-  def __init__(self, config: ml_collections.ConfigDict, *, image_embedding_dim: int,
-               vocab_size: int, context_length: int):
-    self.config = config
-    m = config.model
-    self.model = build_unet(config, image_embedding_dim=image_embedding_dim,
-                            vocab_size=vocab_size, context_length=context_length)
-    self.image_embedding_dim = image_embedding_dim
-    self.context_length = self.model.context_length  # caption tokens read
-    self.resolution = config.data.resolution
-    self.parameterization = m.parameterization
-    self.learned_variance = bool(m.learned_variance)
-    self.schedule = diffusion_common.schedule_from_config(config)
-    self._sampler = diffusion_common.make_ddim_sampler(
-        self._apply, self.schedule, parameterization=self.parameterization,
-        learned_variance=self.learned_variance)
-
-  def init_params(self, rng: jax.Array) -> Any:
-    """Params boxed with logical axis names."""
-    side = self.resolution
-    return self.model.init(
-        rng, jnp.zeros((1, side, side, 3)), jnp.zeros((1,), jnp.int32),
-        image_embedding=jnp.zeros((1, self.image_embedding_dim)),
-        tokens=jnp.zeros((1, self.context_length), jnp.int32))["params"]
-
-  def _apply(self, params, x_t, t, condition, drop_image_embedding, drop_text=None,
-             dropout_rng=None):
-    """UNet output for x_t [B, H, W, 3] at original timesteps t [B]; condition is
-    (z_i [B, D], tokens [B, L]). One `drop` for both (guidance's unconditional
-    half drops z_i and the caption together) unless drop_text is given."""
-    image_embedding, tokens = condition
-    return self.model.apply(
-        {"params": params}, x_t, t,
-        image_embedding=image_embedding.astype(jnp.float32),
-        tokens=fit_context(tokens, self.context_length),
-        drop_image_embedding=drop_image_embedding,
-        drop_text=drop_image_embedding if drop_text is None else drop_text,
-        deterministic=dropout_rng is None,
-        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-
-  def losses(self, params, batch, rng: jax.Array, *, train: bool = True
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-example loss [B] on a batch of `image` [B, R, R, 3] in [-1, 1],
-    `image_embedding` [B, D], `tokens` [B, L]; and aux [B] arrays: `mse`, `vlb`
-    (learned variance), the drop masks.
-
-    `train=False` (held-out loss): nothing dropped, no dropout.
-    """
-    m = self.config.model
-    images = batch[IMAGE]
-    draws_rng, dropout_rng = jax.random.split(rng)
-    draws = training_draws(
-        draws_rng, images.shape[0], images.shape[1:],
-        num_timesteps=self.schedule.num_timesteps,
-        image_embedding_drop_prob=m.image_embedding_drop_prob if train else 0.0,
-        text_drop_prob=m.text_drop_prob if train else 0.0)
-    use_dropout = train and self.model.dropout > 0
-    condition = (batch[IMAGE_EMBEDDING], batch[TOKENS])
-    model_fn = lambda x_t, t: self._apply(
-        params, x_t, t, condition, draws["drop_image_embedding"], draws["drop_text"],
-        dropout_rng=dropout_rng if use_dropout else None)
-    per_example, aux = diffusion_common.image_losses(
-        self.schedule, model_fn, images, None, t=draws["t"], noise=draws["noise"],
-        parameterization=self.parameterization,
-        learned_variance=self.learned_variance, vlb_weight=m.vlb_weight)
-    aux = {k: v for k, v in aux.items() if k != "t"}
-    aux["image_embedding_dropped"] = draws["drop_image_embedding"]
-    aux["text_dropped"] = draws["drop_text"]
-    return per_example, aux
-
-  def sample(self, params, image_embedding, tokens, rng: jax.Array, *,
-             num_steps: int | None = None, guidance_scale: float | None = None,
-             eta: float | None = None, clip_denoised: bool | None = None,
-             threshold_percentile: float | None = None) -> jax.Array:
-    """Images float32 [B, R, R, 3] (roughly in [-1, 1]) for CLIP image embeddings
-    z_i [B, D] and caption tokens int [B, L] (CLIP's tokenizer; None: the empty
-    caption), by guided DDIM in one compiled call.
-
-    Defaults come from `config.sample`. Guidance mixes the conditional output with
-    the one where z_i and the caption are both dropped. The same rng gives the
-    same x_T, whatever the condition (fix it to interpolate between z_i).
-    """
-    s = self.config.sample
-    image_embedding = jnp.asarray(image_embedding, jnp.float32)
-    batch_size = image_embedding.shape[0]
-    if tokens is None:
-      tokens = jnp.zeros((batch_size, self.context_length), jnp.int32)
-    side = self.resolution
-    return self._sampler(
-        params, (image_embedding, fit_context(tokens, self.context_length)), rng,
-        shape=(batch_size, side, side, 3),
-        num_steps=int(num_steps or s.num_steps),
-        guidance_scale=float(s.guidance_scale if guidance_scale is None
-                             else guidance_scale),
-        eta=float(s.eta if eta is None else eta),
-        clip_denoised=bool(s.clip_denoised if clip_denoised is None
-                           else clip_denoised),
-        threshold_percentile=threshold_percentile)
-
-
-
-
-def resize_image(image: np.ndarray, side: int) -> np.ndarray:
-  """uint8 [S, S, 3] -> uint8 [side, side, 3]: area-averaged when shrinking (a
-  2x shrink is the mean of each 2x2 block), bicubic when enlarging."""
-  image = np.asarray(image)
-  if image.shape[0] == side and image.shape[1] == side:
-    return image
-  method = (Image.Resampling.BOX if image.shape[0] >= side
-            else Image.Resampling.BICUBIC)
-  return np.asarray(Image.fromarray(image).resize((side, side), method), np.uint8)
-
-
-class SquareImages:
-  """A data source whose images are uint8 [side, side, 3]: the bundled data at
-  the CLIP's resolution passes through; other data is centre-cropped and resized
-  (what the embedding cache, which stacks images, needs)."""
-
-  def __init__(self, source, side: int):
-    self._source = source
-    self._side = side
-    self._resize = center_crop_and_resize(side)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def _square(self, record: dict) -> dict:
-    if np.shape(record[IMAGE]) == (self._side, self._side, 3):
-      return record
-    return self._resize(record)
-
-  def __getitem__(self, index: int) -> dict:
-    return self._square(self._source[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    return [self._square(r) for r in self._source.__getitems__(list(indices))]
-
-  def __repr__(self) -> str:  # no address: grain and the cache compare it
-    return f"SquareImages({self._source!r}, side={self._side})"
-
-
-class PairedSource:
-  """Record i of the image source with z_i and the caption tokens of record i of
-  its embedding cache (built from that source, in order). Each read checks that
-  the two captions agree, so a misaligned pair cannot train silently."""
-
-  def __init__(self, images, cache: embedding_cache.EmbeddingCache):
-    if len(images) != len(cache):
-      raise ValueError(f"{images!r} has {len(images)} records but its embedding "
-                       f"cache {cache!r} {len(cache)}; delete the cache to rebuild")
-    self.images = images
-    self.cache = cache
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  @staticmethod
-  def _pair(index: int, record: dict, cached: dict) -> dict:
-    if cached[CAPTION] != record[CAPTION]:
-      raise ValueError(f"record {index}: the cache holds {cached[CAPTION]!r}, the "
-                       f"data {record[CAPTION]!r}; delete the cache to rebuild")
-    return {**record, IMAGE_EMBEDDING: cached[IMAGE_EMBEDDING],
-            TOKENS: cached[TOKENS]}
-
-  def __getitem__(self, index: int) -> dict:
-    return self._pair(index, self.images[index], self.cache[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    indices = list(indices)
-    return [self._pair(i, r, c) for i, r, c in zip(
-        indices, self.images.__getitems__(indices), self.cache.__getitems__(indices))]
-
-  def __repr__(self) -> str:
-    return f"PairedSource({self.images!r}, {self.cache!r})"
 
 
 def _write_frozen_clip(path: str, clip: frozen.FrozenClip) -> None:

@@ -9,10 +9,11 @@
   `color_index`, `position_index`): every (emoji, colour, position) of the data
   set, rendered exactly as the data renders it, is a template. Colour: the
   palette colour nearest to the sample's per-channel median pixel (the
-  background covers 3/4 of the image). Position: the position of the template,
-  among every emoji and position in the caption's colour, nearest to the sample.
-  Identity: the emoji of the nearest template at the caption's colour and
-  position. `eval/scene_accuracy`: all three right.
+  background covers 3/4 of the image). Position and identity: the position and
+  the emoji of the template nearest to the sample (mean squared pixel distance)
+  among every emoji at every position in the caption's colour, so an emoji drawn
+  in the wrong place still counts for identity. `eval/scene_accuracy`: all three
+  right.
 """
 import os
 import textwrap
@@ -93,15 +94,14 @@ class SceneTemplates:
     emoji, color, position = (np.asarray(labels[k]) for k in LABELS)
     samples = np.asarray(samples, np.float32)
     color_right = nearest_color(samples) == color
-    position_right, identity_right = [], []
+    nearest = []  # (emoji, position) of the nearest template in the caption's colour
     for n, sample in enumerate(samples):
-      # [emoji, positions]: squared distance to each template in the caption's colour.
       distance = ((self.templates[:, color[n]].astype(np.float32) - sample) ** 2
-                  ).mean(axis=(2, 3, 4))
-      position_right.append(np.argmin(distance.min(axis=0)) == position[n])
-      identity_right.append(np.argmin(distance[:, position[n]]) == emoji[n])
-    position_right, identity_right = np.asarray(position_right), np.asarray(
-        identity_right)
+                  ).mean(axis=(2, 3, 4))  # [emoji, positions]
+      nearest.append(np.unravel_index(np.argmin(distance), distance.shape))
+    nearest = np.asarray(nearest).reshape(-1, 2)
+    identity_right = nearest[:, 0] == emoji
+    position_right = nearest[:, 1] == position
     return {
         "eval/color_accuracy": float(color_right.mean()),
         "eval/position_accuracy": float(position_right.mean()),

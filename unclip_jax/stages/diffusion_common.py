@@ -89,29 +89,60 @@ def make_ddim_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
   """One compiled DDIM sampler over `schedule` respaced to `num_steps`.
 
   Returns `sample(params, condition, rng, *, shape, num_steps, eta=0.0,
-  guidance_scale=1.0, clip_denoised=True, threshold_percentile=None)` ->
-  float32 images `shape` ([B, H, W, C], roughly in [-1, 1]). `condition` is a
-  pytree of [B, ...] arrays handed to `apply_fn` (tiled to 2B rows when
+  guidance_scale=1.0, clip_denoised=True, threshold_percentile=None, x_T=None)`
+  -> float32 images `shape` ([B, H, W, C], roughly in [-1, 1]). `condition` is
+  a pytree of [B, ...] arrays handed to `apply_fn` (tiled to 2B rows when
   guided). With guidance_scale != 1 the model runs once per step on the doubled
-  batch, `drop` True on the unconditional half. The keyword arguments are
-  static: one compilation per (shapes, keywords).
+  batch, `drop` True on the unconditional half. `x_T` (like `shape`): the
+  starting noise instead of a draw from rng (fixed across frames when
+  interpolating, or from `make_ddim_inverter`). The keyword arguments but x_T
+  are static: one compilation per (shapes, keywords).
   """
   def sample(params, condition, rng, *, shape, num_steps, eta=0.0,
-             guidance_scale=1.0, clip_denoised=True, threshold_percentile=None):
-    def conditional(x_t, t, drop):
-      return apply_fn(params, x_t, t,
-                      diffusion.match_batch(condition, x_t.shape[0]), drop)
+             guidance_scale=1.0, clip_denoised=True, threshold_percentile=None,
+             x_T=None):
     return diffusion.ddim_sample(
-        diffusion.guided(conditional, guidance_scale,
-                         learned_variance=learned_variance),
+        _guided_model(apply_fn, params, condition, guidance_scale,
+                      learned_variance),
         diffusion.respace(schedule, num_steps), shape=tuple(shape), rng=rng,
         parameterization=parameterization, eta=eta,
         learned_variance=learned_variance, clip_denoised=clip_denoised,
-        threshold_percentile=threshold_percentile)
+        threshold_percentile=threshold_percentile, x_T=x_T)
 
   return jax.jit(sample, static_argnames=(
       "shape", "num_steps", "eta", "guidance_scale", "clip_denoised",
       "threshold_percentile"))
+
+
+def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
+                       parameterization: str, learned_variance: bool = False):
+  """The inverse of `make_ddim_sampler`'s eta=0 sampler, compiled once per shape.
+
+  Returns `invert(params, condition, images, *, num_steps, guidance_scale=1.0,
+  fixed_point_iterations=2)` -> x_T float32 like images [B, H, W, C]: sampling
+  from it with the same condition, steps and guidance, eta=0 and
+  clip_denoised=False gives the images back (to the ODE's discretisation error).
+  """
+  def invert(params, condition, images, *, num_steps, guidance_scale=1.0,
+             fixed_point_iterations=2):
+    return diffusion.ddim_invert(
+        _guided_model(apply_fn, params, condition, guidance_scale,
+                      learned_variance),
+        diffusion.respace(schedule, num_steps), images,
+        parameterization=parameterization, learned_variance=learned_variance,
+        fixed_point_iterations=fixed_point_iterations)
+
+  return jax.jit(invert, static_argnames=("num_steps", "guidance_scale",
+                                          "fixed_point_iterations"))
+
+
+def _guided_model(apply_fn, params, condition, guidance_scale, learned_variance):
+  """model_fn(x_t, t) of `apply_fn` on `condition`, classifier-free guided."""
+  def conditional(x_t, t, drop):
+    return apply_fn(params, x_t, t, diffusion.match_batch(condition, x_t.shape[0]),
+                    drop)
+  return diffusion.guided(conditional, guidance_scale,
+                          learned_variance=learned_variance)
 
 
 def map_batches(fn: Callable[[dict, int], Any], arrays: dict[str, np.ndarray],

@@ -49,6 +49,17 @@ def read_config(workdir: str, expected_stage: str) -> ml_collections.ConfigDict:
   return config
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Orbax warns that a read-only manager's directory is read only, each time one
+  is made: for frozen stages that is the point, not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
   # PyTreeCheckpointHandler (not the loop's StandardCheckpointHandler) because it can
   # restore a part of the saved tree; the other items are registered so orbax knows them.

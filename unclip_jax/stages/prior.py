@@ -196,15 +196,21 @@ class DiffusionPrior:
 
   def _sample(self, params, text_embedding, text_encodings, text_mask, rng, *,
               num_steps: int, guidance_scale: float = 1.0, num_candidates: int = 2,
-              eta: float = 0.0) -> jax.Array:
+              eta: float = 0.0, drop_text: jax.Array | None = None) -> jax.Array:
     """Image embeddings [B, D] in CLIP space (not renormalised) for captions given
-    as z_t [B, D], token encodings [B, L, W] and their mask bool [B, L]."""
+    as z_t [B, D], token encodings [B, L, W] and their mask bool [B, L].
+    `drop_text` bool [B]: rows sampled unconditionally (the learned null caption
+    in place of theirs, e.g. for an empty prompt)."""
     batch_size = text_embedding.shape[0]
     # Candidates run as one batch: row c * B + b is candidate c of caption b.
     tiled = diffusion.match_batch((text_embedding, text_encodings, text_mask),
                                   num_candidates * batch_size)
-    model_fn = diffusion.guided(self._conditional_model(params, *tiled),
-                                guidance_scale)
+    conditional = self._conditional_model(params, *tiled)
+    if drop_text is not None:
+      caption_model = conditional
+      conditional = lambda x_t, t, drop: caption_model(
+          x_t, t, drop | diffusion.match_batch(drop_text, x_t.shape[0]))
+    model_fn = diffusion.guided(conditional, guidance_scale)
     x = diffusion.ddim_sample(
         model_fn, diffusion.respace(self.schedule, num_steps),
         shape=(num_candidates * batch_size, self.model.embed_dim), rng=rng,

@@ -12,6 +12,9 @@ from unclip_jax.parallel.mesh import resolve_shape
 # Fields whose change makes an existing workdir's checkpoints unusable.
 _IDENTITY_FIELDS = ("stage", "model", "data.name", "data.resolution",
                     "data.num_emoji", "tokenizer")
+# Model fields that change memory and speed, never the params: a run may
+# resume with other values.
+_MEMORY_ONLY_MODEL_FIELDS = ("remat", "remat_policy")
 
 
 def _positive(config, *names):
@@ -23,7 +26,14 @@ def _positive(config, *names):
       raise ConfigError(f"{name}={value!r} must be > 0; set --config.{name}")
 
 
-def check_common(config: ml_collections.ConfigDict) -> None:
+def check_common(config: ml_collections.ConfigDict,
+                 num_devices: int | None = None,
+                 num_processes: int | None = None) -> None:
+  """Checks the shared fields for `num_devices` devices over `num_processes`
+  hosts (default: this job's; the compile command passes a TPU slice's)."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_processes = (jax.process_count() if num_processes is None
+                   else num_processes)
   _positive(config, "total_steps", "batch_size", "log_every", "eval_every",
             "checkpoint_every", "optim.lr")
   if config.dtype not in ("float32", "bfloat16"):
@@ -38,8 +48,7 @@ def check_common(config: ml_collections.ConfigDict) -> None:
                       "positive sizes (slices per axis)")
   num_slices = math.prod(config.mesh.dcn_shape)
   try:
-    mesh_shape = resolve_shape(config.mesh.shape,
-                               jax.device_count() // num_slices)
+    mesh_shape = resolve_shape(config.mesh.shape, num_devices // num_slices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   data_parallel = mesh_shape[0] * mesh_shape[1] * num_slices
@@ -48,9 +57,19 @@ def check_common(config: ml_collections.ConfigDict) -> None:
         f"batch_size={config.batch_size} does not divide over {data_parallel} "
         f"data-parallel shards (mesh {mesh_shape}); set --config.batch_size "
         f"to a multiple of {data_parallel}")
-  if config.batch_size % jax.process_count():
+  accum = config.optim.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"optim.grad_accum_steps={accum!r} must be an integer "
+                      ">= 1")
+  if config.batch_size % (data_parallel * accum):
+    raise ConfigError(
+        f"batch_size={config.batch_size} does not split into "
+        f"optim.grad_accum_steps={accum} microbatches over {data_parallel} "
+        f"data-parallel shards; use a batch_size that divides by "
+        f"{data_parallel * accum}")
+  if config.batch_size % num_processes:
     raise ConfigError(f"batch_size={config.batch_size} must divide over "
-                      f"{jax.process_count()} hosts")
+                      f"{num_processes} hosts")
 
 
 def _get(config_dict: dict, dotted: str):
@@ -71,7 +90,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(path) as f:
       previous = json.load(f)
     for field in _IDENTITY_FIELDS:
-      old, new = _get(previous, field), _get(resolved, field)
+      old, new = (_identity(_get(c, field), field) for c in (previous, resolved))
       if old != new:
         raise WorkdirError(
             f"workdir {workdir} holds a run with a different {field} "
@@ -83,6 +102,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(tmp, "w") as f:
       json.dump(resolved, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _identity(value, field: str):
+  if field == "model" and isinstance(value, dict):
+    return {k: v for k, v in value.items()
+            if k not in _MEMORY_ONLY_MODEL_FIELDS}
+  return value
 
 
 def _short(value, limit=80):

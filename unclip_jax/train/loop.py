@@ -1,7 +1,6 @@
 """The one trainer loop every stage runs through."""
 import logging
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -9,11 +8,12 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import stages
+from unclip_jax.parallel import coverage, distributed
 from unclip_jax.parallel import mesh as mesh_lib
 from unclip_jax.parallel import partitioning
 from unclip_jax.train import checkpoint, config_checks, optim, progress, state
+from unclip_jax.train import step as step_lib
 from unclip_jax.train.metrics import MetricWriter
-from unclip_jax.train.step import jit_train_step
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,18 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _abstract_batch(local_batch: dict, mesh, rules) -> tuple[Any, Any]:
-  """Global ShapeDtypeStructs and shardings for a host-local batch."""
-  scale = jax.process_count()
-  shardings = partitioning.shard_batch_tree(local_batch, mesh, rules)
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct((x.shape[0] * scale,) + x.shape[1:],
-                                        x.dtype, sharding=s),
-      local_batch, shardings)
-  return abstract, shardings
+def check_sharding(init_params, mesh, rules, config, rng) -> None:
+  """Refuses (ConfigError) an FSDP mesh that would leave too many parameter
+  bytes whole on every device; logs the per-device parameter memory."""
+  abstract = jax.eval_shape(init_params, rng)
+  coverage.check_coverage(abstract, mesh, rules, config.mesh.get(
+      "max_replicated_fraction", coverage.MAX_REPLICATED_FRACTION))
+  found = coverage.summary(abstract, mesh, rules)
+  log.info("mesh %s: %.3g params (%.1f MiB), %.1f MiB per device, %.1f%% "
+           "replicated", dict(mesh.shape), found["params"],
+           found["param_bytes"] / 2**20,
+           found["param_bytes_per_device"] / 2**20,
+           100 * found["replicated_fraction"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -39,6 +42,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   Returns the last evaluation metrics.
   """
+  distributed.initialize(config)  # before anything touches a device
   stage = stages.get_stage(config.stage)(config, workdir)
   config_checks.check_common(config)
   stage.validate()
@@ -49,6 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  check_sharding(stage.init_params, mesh, rules, config, init_rng)
   manager = checkpoint.make_manager(workdir, config)
   iterator = stage.train_iterator()
   latest = manager.latest_step()
@@ -67,17 +72,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       return {}
 
   first = next(iterator)
-  abstract_batch, batch_shardings = _abstract_batch(first, mesh, rules)
-  replicated = partitioning.replicated(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jit_train_step(stage.loss, tx, config.optim.ema_decay,
-                             shardings, batch_shardings, replicated)
-    compiled = step_fn.lower(train_state, abstract_batch, train_rng).compile()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list) else cost
+  abstract_batch, batch_shardings = partitioning.abstract_global_batch(
+      first, mesh, rules)
+  compiled, step_flops = step_lib.compile_train_step(
+      stage.loss, tx, config, mesh, rules, shardings, batch_shardings,
+      train_state, abstract_batch, train_rng)
   meter = progress.Progress(
       total_steps=config.total_steps, batch_size=config.batch_size,
-      flops_per_step_per_device=float(cost.get("flops", 0.0)),
+      flops_per_step_per_device=step_flops / mesh.size,
       peak_flops=progress.peak_flops_per_device(config.get("peak_flops")))
 
   writer = MetricWriter(workdir)

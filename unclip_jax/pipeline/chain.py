@@ -1,0 +1,266 @@
+"""`UnCLIPPipeline`: prompts -> CLIP text embedding -> prior -> decoder ->
+upsamplers, from trained workdirs (DALL-E 2 §2).
+
+Each stage's sampler is one compiled function, run over fixed-size chunks of rows
+split across the local devices (batching.py), so it compiles once per chunk shape
+and sampling options. Randomness comes from `seed` only: the same seed, requests
+and devices give the same images.
+"""
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.errors import UserError
+from unclip_jax.pipeline import batching, images as images_lib, loading, options
+from unclip_jax.pipeline.manipulations import Manipulations
+from unclip_jax.pipeline.prompts import check_prompts, encode_prompts
+from unclip_jax.pipeline.results import Samples
+from unclip_jax.sample.grid import to_uint8
+from unclip_jax.stages import diffusion_common
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+_NOISE_BLOCK = 64  # rows of x_T drawn per compiled call, whatever is asked for
+
+
+@jax.jit
+def _noise_block(key: jax.Array, first_row: jax.Array, sample: jax.Array
+                 ) -> jax.Array:
+  # Row i's x_T depends on (seed, i) only, not on how many rows are asked for.
+  rows = first_row + jnp.arange(_NOISE_BLOCK)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                              sample.shape))(rows)
+
+
+class UnCLIPPipeline(Manipulations):
+  """Text-to-image sampling and image manipulations with trained stages.
+
+  pipe = UnCLIPPipeline.from_workdirs(clip=..., prior=..., decoder=...,
+                                      upsamplers=[...])
+  images = pipe(["red apple on a blue background"], num_images=4, seed=0)
+  """
+
+  def __init__(self, stages: loading.LoadedStages, *, max_batch: int = 64):
+    self.stages = stages
+    self.clip = stages.clip
+    self.max_batch = options.count("max_batch", max_batch)
+    decoder = stages.decoder.decoder
+    # Our own compiled decoder sampler (Decoder.sample draws x_T itself): frames of
+    # a strip share x_T, slerp it, or start from an inverted one.
+    kwargs = dict(parameterization=decoder.parameterization,
+                  learned_variance=decoder.learned_variance)
+    self._decoder_sample = diffusion_common.make_ddim_sampler(
+        decoder.apply, decoder.schedule, **kwargs)
+    self._decoder_invert = diffusion_common.make_ddim_inverter(
+        decoder.apply, decoder.schedule, **kwargs)
+
+  @classmethod
+  def from_workdirs(cls, clip: str, prior: str | None = None,
+                    decoder: str | None = None, upsamplers: Sequence[str] = (),
+                    step: loading.Steps = None, *, max_batch: int = 64
+                    ) -> "UnCLIPPipeline":
+    """Loads each stage's config and EMA params from its workdir (the latest
+    checkpoint, or `step`: one for all, or {"clip": 100, "upsampler2": 50, ...})
+    after checking that the stages fit together. The prior is needed only to
+    sample from text; `max_batch` caps the rows of one compiled call."""
+    if decoder is None:
+      raise UserError("no decoder workdir given; pass decoder=DIR")
+    return cls(loading.load_stages(clip, decoder, prior, upsamplers, step),
+               max_batch=max_batch)
+
+  @property
+  def base_resolution(self) -> int:
+    return self.stages.decoder.decoder.resolution
+
+  @property
+  def resolution(self) -> int:
+    """Side of the final images."""
+    if not self.stages.upsamplers:
+      return self.base_resolution
+    return self.stages.upsamplers[-1].config.data.resolution
+
+  def __call__(self, prompts: str | Sequence[str], num_images: int = 4,
+               seed: int = 0, **kwargs) -> np.ndarray:
+    """uint8 [len(prompts) * num_images, H, W, 3], prompt-major; keyword
+    arguments as `generate`."""
+    return self.generate(prompts, num_images, seed, **kwargs).images
+
+  def generate(self, prompts: str | Sequence[str], num_images: int = 4,
+               seed: int = 0, *, prior_steps: int | None = None,
+               prior_guidance: float | None = None,
+               prior_candidates: int | None = None,
+               decoder_steps: int | None = None,
+               decoder_guidance: float | None = None,
+               decoder_eta: float | None = None,
+               upsampler_steps: int | Sequence[int] | None = None) -> Samples:
+    """Images for prompts with every intermediate (z_t, z_i, x_T, each stage's
+    images). Options left None take the stage config's `sample.*` values."""
+    if self.stages.prior is None:
+      raise UserError("this pipeline has no prior, so it cannot sample from text; "
+                      "load one with from_workdirs(prior=DIR)")
+    prompts = check_prompts(prompts)
+    num_images = options.count("num_images", num_images)
+    prior = self.stages.prior
+    prior_kwargs = options.prior_options(
+        prior.config, steps=prior_steps, guidance=prior_guidance,
+        candidates=prior_candidates)
+    decoder_kwargs = self._decoder_options(decoder_steps, decoder_guidance,
+                                           decoder_eta)
+    upsampler_kwargs = self._upsampler_steps(upsampler_steps)
+    keys = _Keys(seed)
+
+    encoded = self._encode_prompts(prompts)
+    text_embeddings, text_encodings = self._clip_text(encoded.tokens)
+    repeat = lambda x: np.repeat(x, num_images, axis=0)
+    tokens, unconditional = repeat(encoded.tokens), repeat(encoded.unconditional)
+    text_embeddings, text_encodings = repeat(text_embeddings), repeat(text_encodings)
+
+    def sample_prior(chunk, start):
+      return prior.prior.sample(
+          prior.params, chunk["z_t"], chunk["encodings"], chunk["mask"],
+          jax.random.fold_in(keys.prior, start), drop_text=chunk["unconditional"],
+          **prior_kwargs)
+    image_embeddings = batching.map_rows(sample_prior, {
+        "z_t": text_embeddings, "encodings": text_encodings,
+        "mask": self.clip.text_mask(tokens), "unconditional": unconditional,
+    }, max_batch=self.max_batch)
+    # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
+    image_embeddings = _unit(image_embeddings)
+    # An empty prompt's caption is the all-pad one the decoder learned to drop to.
+    decoder_tokens = np.where(unconditional[:, None], 0, tokens)
+    return self._decode(
+        image_embeddings, decoder_tokens, self.noise(seed, len(tokens)), keys,
+        decoder_kwargs, upsampler_kwargs,
+        prompts=tuple(p for p in prompts for _ in range(num_images)), tokens=tokens,
+        text_embeddings=text_embeddings)
+
+  def decode(self, image_embeddings: np.ndarray, *,
+             captions: str | Sequence[str] | None = None,
+             noise: np.ndarray | None = None, seed: int = 0,
+             decoder_steps: int | None = None, decoder_guidance: float | None = None,
+             decoder_eta: float | None = None, clip_denoised: bool | None = None,
+             upsampler_steps: int | Sequence[int] | None = None) -> Samples:
+    """Images for CLIP image embeddings z_i [N, D] (or [D]) through the decoder
+    and upsamplers.
+
+    `captions`: one for all rows or one per row (None: no caption). `noise`: the
+    decoder's x_T ([N, r, r, 3] or one [r, r, 3] for all; None: drawn from
+    seed). With a given x_T, clip_denoised defaults to False, so that
+    decoding `invert`'s x_T with eta=0 reconstructs the image.
+    """
+    image_embeddings = np.atleast_2d(np.asarray(image_embeddings, np.float32))
+    rows, width = image_embeddings.shape[0], self.clip.embed_dim
+    if image_embeddings.ndim != 2 or not rows or image_embeddings.shape[1] != width:
+      raise UserError(f"image_embeddings must be [N >= 1, {width}] (the CLIP's "
+                      f"width); got {list(image_embeddings.shape)}")
+    if noise is not None:
+      noise = np.broadcast_to(np.asarray(noise, np.float32), (rows,) + (
+          self.base_resolution, self.base_resolution, 3))
+      clip_denoised = False if clip_denoised is None else clip_denoised
+    return self._decode(
+        image_embeddings, self._caption_tokens(captions, rows),
+        self.noise(seed, rows) if noise is None else noise, _Keys(seed),
+        self._decoder_options(decoder_steps, decoder_guidance, decoder_eta,
+                              clip_denoised),
+        self._upsampler_steps(upsampler_steps))
+
+  def encode_text(self, prompts: str | Sequence[str]) -> np.ndarray:
+    """CLIP text embeddings z_t, float32 [N, D] unit-norm."""
+    return self._clip_text(self._encode_prompts(check_prompts(prompts)).tokens)[0]
+
+  def encode_images(self, images: Any) -> np.ndarray:
+    """CLIP image embeddings z_i, float32 [N, D] unit-norm, of one image or a
+    list (paths, PIL images or uint8 arrays; made square, resized to CLIP's
+    side)."""
+    squares = [images_lib.square_image(i) for i in images_lib.as_image_list(images)]
+    pixels = images_lib.at_resolution(squares, self.clip.resolution)
+    return diffusion_common.map_batches(
+        lambda chunk, start: self.clip.encode_image(chunk["pixels"]),
+        {"pixels": pixels}, batching.chunk_size(len(pixels), self.max_batch))
+
+  def noise(self, seed: int, rows: int) -> np.ndarray:
+    """The decoder's x_T for `rows` rows of `seed`: float32 [rows, r, r, 3]."""
+    side, key = self.base_resolution, _Keys(seed).noise
+    blocks = [np.asarray(_noise_block(key, first, jnp.zeros((side, side, 3))))
+              for first in range(0, rows, _NOISE_BLOCK)]
+    return np.concatenate(blocks)[:rows]
+
+  # Shared by generation and the manipulations.
+
+  def _encode_prompts(self, prompts: list[str]):
+    readers = {"CLIP": self.clip.context_length,
+               "the decoder": self.stages.decoder.decoder.context_length}
+    if self.stages.prior is not None:
+      readers["the prior"] = self.stages.prior.prior.model.context_length
+    return encode_prompts(self.clip.tokenizer, prompts, readers)
+
+  def _caption_tokens(self, captions, rows: int) -> np.ndarray:
+    """int32 [rows, L]: captions' tokens, or the all-pad (dropped) caption."""
+    if captions is None:
+      return np.zeros((rows, self.clip.context_length), np.int32)
+    captions = check_prompts(captions)
+    if len(captions) not in (1, rows):
+      raise UserError(f"{len(captions)} captions for {rows} images; give one, or "
+                      "one per image")
+    encoded = self._encode_prompts(captions)
+    tokens = np.where(encoded.unconditional[:, None], 0, encoded.tokens)
+    return np.broadcast_to(tokens, (rows, tokens.shape[1])).copy()
+
+  def _clip_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(z_t [N, D], token encodings [N, L, W]) as numpy."""
+    out = diffusion_common.map_batches(
+        lambda chunk, start: self.clip.encode_text(chunk["tokens"]),
+        {"tokens": tokens}, batching.chunk_size(len(tokens), self.max_batch))
+    return tuple(out)
+
+  def _decoder_options(self, steps, guidance, eta, clip_denoised=None) -> dict:
+    return options.decoder_options(self.stages.decoder.config, steps=steps,
+                                   guidance=guidance, eta=eta,
+                                   clip_denoised=clip_denoised)
+
+  def _upsampler_steps(self, steps) -> list[int]:
+    return options.upsampler_steps([u.config for u in self.stages.upsamplers],
+                                   steps)
+
+  def _decode(self, image_embeddings, decoder_tokens, noise, keys: "_Keys",
+              decoder_kwargs: dict, upsampler_steps: list[int], **fields) -> Samples:
+    """Decoder then upsamplers over rows -> Samples with `fields` added."""
+    decoder = self.stages.decoder
+
+    def decode(chunk, start):
+      return self._decoder_sample(
+          decoder.params, (chunk["z_i"], chunk["tokens"]),
+          jax.random.fold_in(keys.decoder, start), shape=chunk["noise"].shape,
+          x_T=chunk["noise"], **decoder_kwargs)
+    images = batching.map_rows(decode, {
+        "z_i": image_embeddings, "tokens": decoder_tokens, "noise": noise,
+    }, max_batch=self.max_batch)
+    cascade = [images]
+    for index, (stage, steps) in enumerate(zip(self.stages.upsamplers,
+                                               upsampler_steps)):
+      key = jax.random.fold_in(keys.upsampler, index)
+      cascade.append(batching.map_rows(
+          lambda chunk, start, stage=stage, steps=steps, key=key:
+          stage.upsampler.upsample(
+              stage.params, jnp.clip(chunk["low_res"], -1, 1),
+              jax.random.fold_in(key, start), num_steps=steps),
+          {"low_res": cascade[-1]}, max_batch=self.max_batch))
+    cascade = tuple(to_uint8(x) for x in cascade)
+    return Samples(images=cascade[-1], cascade=cascade,
+                   image_embeddings=np.asarray(image_embeddings, np.float32),
+                   noise=np.asarray(noise, np.float32), **fields)
+
+
+class _Keys:
+  """A seed's independent random streams, one per use."""
+
+  def __init__(self, seed: int):
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+      raise UserError(f"seed must be a whole number, got {seed!r}")
+    self.prior, self.noise, self.decoder, self.upsampler = jax.random.split(
+        jax.random.key(int(seed)), 4)
