@@ -36,7 +36,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   # Caption tokens the decoder reads: the first text_context (None: CLIP's context);
   # longer than CLIP's context pads. Captions longer than it are logged at start.
   c.model.text_context = ml_collections.config_dict.placeholder(int)
-  c.model.remat = False
+  c.model.remat = "none"  # "none" | "full" | "dots" (models/remat.py)
   # Append each pixel's row and column to the UNet's input (CoordConv): not in the
   # paper; see docs/decoder.md for why the demo uses it.
   c.model.coordinate_channels = False
@@ -128,7 +128,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.model.update(base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=3,
                    attention_resolutions=(32, 16, 8), head_channels=64,
                    norm_groups=32, dropout=0.1, text_width=2048, text_depth=24,
-                   text_heads=32, text_context=256, remat=True,
+                   text_heads=32, text_context=256, remat="full",
                    parameterization="eps", learned_variance=True)
     c.sample.num_steps = 250
     c.sample.guidance_scale = 1.25  # Table 2's decoder guidance (FID)

@@ -91,3 +91,10 @@ def test_a_failed_stage_is_named_with_its_log(tmp_path, one_step_stages):
                      r".*logs/broken.log"):
     plan.run_all(str(tmp_path), lambda event: None,
                  stages=(_Script("broken", after=()),))
+
+
+def test_stage_processes_run_on_cpu_unless_the_user_or_the_host_says_otherwise():
+  chosen = plan.cpu_only_unless_accelerated({"PATH": "/bin"})
+  assert chosen["JAX_PLATFORMS"] == "cpu" and chosen["PATH"] == "/bin"  # no TPU here
+  assert plan.cpu_only_unless_accelerated({"JAX_PLATFORMS": "cuda"}) == {
+      "JAX_PLATFORMS": "cuda"}

@@ -51,6 +51,7 @@ def test_command_line_overrides_any_leaf(monkeypatch):
     ("mesh.shape", (3, 1, 1), "does not divide 8 devices"),
     ("mesh.shape", (-1, -1, 1), "at most one -1"),
     ("optim.ema_decay", 1.0, "must be in [0, 1)"),
+    ("model.remat_policy", "most", "use one of none, full, dots"),
 ])
 def test_invalid_common_values_fail_with_one_line(field, value, message):
   c = clip_config.get_config("tiny")

@@ -31,7 +31,7 @@ MODES = ("auto", "yes", "no")
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear as Google PCI devices
 
 
-def _on_cloud_tpu_vm() -> bool:
+def on_cloud_tpu_vm() -> bool:
   """TPU chips on this host's PCI bus (as jax's own check), or a multi-host
   slice's workers listed by GKE in TPU_WORKER_HOSTNAMES."""
   for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
@@ -61,7 +61,7 @@ def detect(environ=None) -> str | None:
     return "slurm"
   if _env_int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
     return "openmpi"
-  if environ is os.environ and _on_cloud_tpu_vm():
+  if environ is os.environ and on_cloud_tpu_vm():
     return "tpu"
   return None
 

@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from unclip_jax.errors import ConfigError, WorkdirError
+from unclip_jax.models import remat
 from unclip_jax.parallel.mesh import resolve_shape
 
 # Fields whose change makes an existing workdir's checkpoints unusable.
@@ -38,6 +39,12 @@ def check_common(config: ml_collections.ConfigDict,
             "checkpoint_every", "optim.lr")
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+  for field in _MEMORY_ONLY_MODEL_FIELDS:
+    value = config.get("model", {}).get(field)
+    if value is not None and not isinstance(value, bool) and (
+        value not in remat.REMAT_POLICIES):
+      raise ConfigError(f"model.{field}={value!r}: use one of "
+                        f"{', '.join(remat.REMAT_POLICIES)}")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ConfigError(f"optim.ema_decay={config.optim.ema_decay}: must be in "
                       "[0, 1)")
