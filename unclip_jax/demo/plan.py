@@ -3,14 +3,14 @@
 Each stage is an ordinary `python -m unclip_jax.train` run in its own process, so
 its workdir is exactly what a user would get from the train command (and what
 the pipeline and the sampling CLI load). Stages that do not depend on each other
-run side by side: these demo models each keep about one core
-busy, so on 2 cores two stages cost about as much time as the slower. Two chains
-of about equal length share the machine: CLIP then the decoder, and the upsampler
-then the prior.
+run side by side: these demo models each keep about one core busy, so on 2 cores
+two stages cost about as much time as the slower. Two chains of about equal
+length share the machine: CLIP then the decoder, and the upsampler then the prior.
 """
 import dataclasses
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -71,12 +71,11 @@ def logged_step(workdir: str) -> int:
       lines = f.read().decode(errors="ignore").strip().splitlines()
   except OSError:
     return 0
-  for line in reversed(lines):
-    marker = line.find('"step": ')
-    if marker >= 0:
-      digits = line[marker + 8:].split(",")[0].split("}")[0]
-      if digits.strip().isdigit():
-        return int(digits)
+  for line in reversed(lines):  # the last may be half written
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
   return 0
 
 
