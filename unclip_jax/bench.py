@@ -82,7 +82,7 @@ def time_prior_sampling(config: ml_collections.ConfigDict,
 
   """
   embed_dim = clip_config.model.embed_dim
-  from unclip_jax.stages.prior import DiffusionPrior  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages.prior_model import DiffusionPrior  # pylint: disable=g-import-not-at-top
   prior = DiffusionPrior.from_config(
       config, embed_dim=embed_dim, text_width=clip_config.model.text_width,
       context_length=clip_config.tokenizer.context_length,

@@ -47,6 +47,9 @@ def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, with one-line errors for what the user can fix."""
   def wrapped(argv):
     _setup_logging()
+    # Imported here, after the flags: --help stays fast.
+    from unclip_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
+    distributed.use_cpu_unless_accelerated()
     try:
       main(argv)
     except UserError as e:

@@ -81,7 +81,7 @@ def stage_for_compile(config: ml_collections.ConfigDict,
   clip = clip_config.model
   context = clip_config.tokenizer.context_length
   if name == "prior":
-    from unclip_jax.stages.prior import DiffusionPrior
+    from unclip_jax.stages.prior_model import DiffusionPrior
     dim = clip.embed_dim
     # "standardize" scales by the cache's statistics; any positive ones do here.
     stats = (np.zeros(dim, np.float32), np.ones(dim, np.float32))

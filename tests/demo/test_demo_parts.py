@@ -9,6 +9,7 @@ import pytest
 
 from unclip_jax.data import scenes
 from unclip_jax.demo import evaluate, plan
+from unclip_jax.parallel import distributed
 
 
 def test_held_out_prompts_are_held_out_by_every_stage():
@@ -94,7 +95,7 @@ def test_a_failed_stage_is_named_with_its_log(tmp_path, one_step_stages):
 
 
 def test_stage_processes_run_on_cpu_unless_the_user_or_the_host_says_otherwise():
-  chosen = plan.cpu_only_unless_accelerated({"PATH": "/bin"})
+  chosen = distributed.cpu_only_unless_accelerated({"PATH": "/bin"})
   assert chosen["JAX_PLATFORMS"] == "cpu" and chosen["PATH"] == "/bin"  # no TPU here
-  assert plan.cpu_only_unless_accelerated({"JAX_PLATFORMS": "cuda"}) == {
+  assert distributed.cpu_only_unless_accelerated({"JAX_PLATFORMS": "cuda"}) == {
       "JAX_PLATFORMS": "cuda"}

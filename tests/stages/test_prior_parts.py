@@ -9,9 +9,10 @@ import pytest
 from configs import clip as clip_config
 from configs import prior as prior_config
 from unclip_jax.errors import ConfigError
-from unclip_jax.stages.prior import (DiffusionPrior, build_prior_model, make_scaler,
-                                     sample_metrics, select_best_candidate,
-                                     text_drop_mask)
+from unclip_jax.stages.prior import sample_metrics
+from unclip_jax.stages.prior_model import (DiffusionPrior, build_prior_model,
+                                           make_scaler, select_best_candidate,
+                                           text_drop_mask)
 
 
 def test_text_drop_mask_rate():

@@ -4,7 +4,8 @@ import pytest
 
 from configs import prior as prior_config
 from tests.stages import sharded_steps
-from unclip_jax.stages.prior import DiffusionPrior, PriorStage
+from unclip_jax.stages.prior import PriorStage
+from unclip_jax.stages.prior_model import DiffusionPrior
 
 EMBED_DIM, TEXT_WIDTH, CONTEXT = 16, 12, 8
 

@@ -52,14 +52,10 @@ class _Reporter:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=import-outside-toplevel  (after flags: fast --help)
   from unclip_jax.demo import evaluate, plan  # pylint: disable=import-outside-toplevel
   # A `kill` ends the demo the way Ctrl-C does: through run_all's cleanup, which
   # stops the stage processes (each resumes from its checkpoint on a rerun).
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-  os.environ.update(plan.cpu_only_unless_accelerated(os.environ))
-  if os.environ.get("JAX_PLATFORMS"):  # jax read the environment when imported
-    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
   if _NUM_IMAGES.value < 1:
     raise UserError(f"--num_images={_NUM_IMAGES.value}: must be >= 1")
   root = os.path.abspath(_WORKDIR.value)

@@ -9,7 +9,6 @@ length share the machine: CLIP then the decoder, and the upsampler then the prio
 """
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -79,18 +78,6 @@ def logged_step(workdir: str) -> int:
   return 0
 
 
-def cpu_only_unless_accelerated(environ: dict) -> dict:
-  """`environ` with JAX_PLATFORMS=cpu when the user set none, this host has no
-  TPU chips and jax has no CUDA plugin: libtpu (the `test` extra installs it for
-  ahead-of-time compilation) would otherwise probe for chips in every process,
-  printing warnings, and the demo's processes would contend for its lock file."""
-  cuda = any(importlib.util.find_spec(name) for name in
-             ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-  if environ.get("JAX_PLATFORMS") or cuda or distributed.on_cloud_tpu_vm():
-    return dict(environ)
-  return {**environ, "JAX_PLATFORMS": "cpu"}
-
-
 class StageFailed(RuntimeError):
   pass
 
@@ -117,7 +104,7 @@ def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None
           with open(log_path, "a") as log_file:
             process = subprocess.Popen(
                 stage.command(root), stdout=log_file, stderr=subprocess.STDOUT,
-                env=cpu_only_unless_accelerated(os.environ))
+                env=distributed.cpu_only_unless_accelerated(os.environ))
           # The rate is measured from the first logged step on, not from the
           # start: compiling would make the first ETAs far too long.
           running[stage.name] = [stage, process, log_path, total_steps(stage.name),

@@ -15,6 +15,7 @@ from every host, and only process 0 logs and writes files.
   "no"    never.
 """
 import glob
+import importlib.util
 import logging
 import os
 
@@ -42,6 +43,26 @@ def on_cloud_tpu_vm() -> bool:
     except OSError:
       continue
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def cpu_only_unless_accelerated(environ: dict) -> dict:
+  """`environ` with JAX_PLATFORMS=cpu when the user set none, this host has no
+  TPU chips and jax has no CUDA plugin: libtpu (the `test` extra installs it for
+  ahead-of-time compilation) would otherwise probe for chips in every process,
+  printing warnings, and processes side by side would contend for its lock file."""
+  cuda = any(importlib.util.find_spec(name) for name in
+             ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  if environ.get("JAX_PLATFORMS") or cuda or on_cloud_tpu_vm():
+    return dict(environ)
+  return {**environ, "JAX_PLATFORMS": "cpu"}
+
+
+def use_cpu_unless_accelerated() -> None:
+  """`cpu_only_unless_accelerated` for this process and the ones it starts; call
+  before anything touches a device (jax read JAX_PLATFORMS when imported)."""
+  os.environ.update(cpu_only_unless_accelerated(os.environ))
+  if os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 def _env_int(environ, name: str, default: int = 1) -> int:

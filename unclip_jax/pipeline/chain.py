@@ -13,16 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.errors import UserError
+from unclip_jax.models.clip import l2_normalize
 from unclip_jax.pipeline import batching, images as images_lib, loading, options
 from unclip_jax.pipeline.manipulations import Manipulations
 from unclip_jax.pipeline.prompts import check_prompts, encode_prompts
 from unclip_jax.pipeline.results import Samples
 from unclip_jax.sample.grid import to_uint8
 from unclip_jax.stages import diffusion_common
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 _NOISE_BLOCK = 64  # rows of x_T drawn per compiled call, whatever is asked for
@@ -130,7 +127,7 @@ class UnCLIPPipeline(Manipulations):
         "mask": self.clip.text_mask(tokens), "unconditional": unconditional,
     }, max_batch=self.max_batch)
     # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
-    image_embeddings = _unit(image_embeddings)
+    image_embeddings = np.asarray(l2_normalize(image_embeddings))
     # An empty prompt's caption is the all-pad one the decoder learned to drop to.
     decoder_tokens = np.where(unconditional[:, None], 0, tokens)
     return self._decode(

@@ -2,16 +2,14 @@
 steps first (cheap, one-line errors for a missing, empty or wrong-stage
 workdir), then the compatibility checks, then the EMA params."""
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Mapping, Sequence
 
-from unclip_jax.errors import UserError, WorkdirError
+from unclip_jax.errors import UserError
 from unclip_jax.pipeline import compat
 from unclip_jax.stages import frozen
-from unclip_jax.stages.decoder import (FROZEN_CLIP_FILENAME, TrainedDecoder,
-                                       load_decoder)
+from unclip_jax.stages.decoder import TrainedDecoder, load_decoder
 from unclip_jax.stages.frozen import FrozenClip
 from unclip_jax.stages.prior import TrainedPrior, load_prior
 from unclip_jax.stages.upsampler import Upsampler, load_upsampler
@@ -61,12 +59,7 @@ def _read_stage(workdir: str, stage: str, name: str, step: int | None,
   frozen.latest_step(workdir, stage, step)
   info = None
   if frozen_clip:
-    path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
-    if not os.path.exists(path):
-      raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
-                         f"written by a {stage} run")
-    with open(path) as f:
-      info = json.load(f)
+    info = frozen.read_frozen_clip(workdir, stage)
   return compat.StageInfo(name, workdir, config, info)
 
 

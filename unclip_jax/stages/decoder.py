@@ -7,10 +7,8 @@ runs (config checks, data, evaluation, sample grids) and `load_decoder`, which
 the sampling pipeline uses.
 """
 import functools
-import json
 import logging
 import os
-import shutil
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -20,9 +18,7 @@ import numpy as np
 
 from unclip_jax import diffusion
 from unclip_jax.data import pipeline
-from unclip_jax.data.sources import BUNDLED_BUILDERS
-from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
-from unclip_jax.errors import ConfigError, WorkdirError
+from unclip_jax.errors import ConfigError
 from unclip_jax.sample import grid
 from unclip_jax.stages import decoder_eval, diffusion_common, embedding_cache, frozen
 from unclip_jax.stages.base import Stage
@@ -34,12 +30,6 @@ log = logging.getLogger(__name__)
 
 IMAGE, CAPTION = pipeline.IMAGE, pipeline.CAPTION
 MODEL_INPUTS = (IMAGE, IMAGE_EMBEDDING, TOKENS)
-# What the decoder was trained on: the CLIP's fingerprint and the sizes it needs.
-FROZEN_CLIP_FILENAME = "frozen_clip.json"
-_CLIP_HELP = ("a CLIP workdir, trained with python -m unclip_jax.train --config "
-              "configs/clip.py:demo --workdir DIR")
-
-
 
 
 def _check_unet(config: ml_collections.ConfigDict) -> None:
@@ -100,64 +90,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"eval.{name}={e[name]} must be >= 1")
 
 
-def check_clip_workdir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The CLIP run's config, after one-line errors for a missing or wrong
-  `clip_workdir` and for data the CLIP was not trained on."""
-  c = config
-  if not c.get("clip_workdir"):
-    raise ConfigError(f"clip_workdir is not set; pass --config.clip_workdir=DIR, "
-                      f"{_CLIP_HELP}")
-  if not os.path.isdir(c.clip_workdir):
-    raise WorkdirError(f"clip_workdir={c.clip_workdir} does not exist; pass "
-                       f"{_CLIP_HELP}")
-  clip_config = frozen.read_config(c.clip_workdir, "clip")
-  frozen.latest_step(c.clip_workdir, "clip", c.get("clip_step"))
-  for field in ("name", "seed"):
-    if c.data.get(field) != clip_config.data.get(field):
-      raise ConfigError(
-          f"data.{field}={c.data.get(field)!r} but the CLIP in {c.clip_workdir} was "
-          f"trained with {clip_config.data.get(field)!r}; set "
-          f"--config.data.{field}={clip_config.data.get(field)}")
-  clip_emoji = clip_config.data.get("num_emoji") or 0  # 0: every emoji
-  emoji = c.data.get("num_emoji") or 0
-  if c.data.name in BUNDLED_BUILDERS and clip_emoji and not 0 < emoji <= clip_emoji:
-    raise ConfigError(
-        f"data.num_emoji={emoji} but the CLIP in {c.clip_workdir} knows only the first "
-        f"{clip_emoji} emoji; set --config.data.num_emoji to at most {clip_emoji}")
-  return clip_config
-
-
-
-
-def _write_frozen_clip(path: str, clip: frozen.FrozenClip) -> None:
-  info = {"fingerprint": clip.fingerprint, "workdir": clip.workdir, "step": clip.step,
-          "embed_dim": clip.embed_dim, "vocab_size": clip_vocab_size(clip),
-          "context_length": clip.context_length, "resolution": clip.resolution}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f)
-  os.replace(tmp, path)
-
-
-
-
 class DecoderStage(Stage):
   """Trains the decoder on images and a frozen CLIP's cached image embeddings."""
 
   def validate(self):
-    check_clip_workdir(self.config)
+    frozen.check_clip_workdir(self.config, same_data=("name", "seed"))
     validate_config(self.config)
 
   def prepare(self):
     c = self.config
     self.clip = frozen.FrozenClip(c.clip_workdir, step=c.get("clip_step"))
-    tokenizer_path = os.path.join(self.workdir, TOKENIZER_FILENAME)
-    if jax.process_index() == 0 and not os.path.exists(tokenizer_path):
-      # Captions are read through the CLIP's tokenizer: keep it with the run.
-      shutil.copyfile(os.path.join(self.clip.workdir, TOKENIZER_FILENAME),
-                      tokenizer_path)
-    if jax.process_index() == 0:
-      _write_frozen_clip(os.path.join(self.workdir, FROZEN_CLIP_FILENAME), self.clip)
+    frozen.record_frozen_clip(self.workdir, self.clip)
     # z_i is computed from images at the CLIP's resolution, whatever the decoder's.
     data_at_clip = ml_collections.ConfigDict(c.data.to_dict())
     data_at_clip.resolution = self.clip.resolution
@@ -171,7 +114,7 @@ class DecoderStage(Stage):
     self.train_source = self.sources[c.data.train_split]
     self.eval_source = self.sources[c.data.eval_split]
     self.decoder = Decoder(c, image_embedding_dim=self.clip.embed_dim,
-                           vocab_size=clip_vocab_size(self.clip),
+                           vocab_size=self.clip.vocab_size,
                            context_length=self.clip.context_length)
     for source in (self.train_source, self.eval_source):
       longest = source.cache.manifest["max_tokens"]
@@ -289,14 +232,6 @@ class DecoderStage(Stage):
     log.info("wrote %s", path)
 
 
-def clip_vocab_size(clip: frozen.FrozenClip) -> int:
-  """Token ids the decoder's embedding table must hold: the CLIP tokenizer's
-  configured vocabulary (an upper bound of the trained one)."""
-  return int(clip.config.tokenizer.vocab_size)
-
-
-
-
 class TrainedDecoder(NamedTuple):
   config: ml_collections.ConfigDict
   decoder: Decoder
@@ -316,12 +251,7 @@ def load_decoder(workdir: str, step: int | None = None,
   to catch a CLIP retrained since.
   """
   config, params, step = frozen.load_trained(workdir, "decoder", step, sharding)
-  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
-  if not os.path.exists(path):
-    raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
-                       "written by a decoder run")
-  with open(path) as f:
-    clip = json.load(f)
+  clip = frozen.read_frozen_clip(workdir, "decoder")
   decoder = Decoder(config, image_embedding_dim=clip["embed_dim"],
                     vocab_size=clip["vocab_size"],
                     context_length=clip["context_length"])

@@ -1,5 +1,5 @@
 """Trained stages loaded from their workdirs, frozen, for the stages and samplers
-after them.
+after them; what a prior or decoder checks and records of the CLIP it reads.
 
 `load_trained(workdir, stage)` reads a workdir's config and only the EMA params of one
 of its checkpoints (no optimizer state is read). `FrozenClip` wraps a CLIP workdir: its
@@ -11,7 +11,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Sequence
 
 import flax.linen as nn
 import grain
@@ -21,14 +22,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax.data.sources import BUNDLED_BUILDERS
 from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.data.tokenizer import PAD_ID, Tokenizer
-from unclip_jax.errors import WorkdirError
+from unclip_jax.errors import ConfigError, WorkdirError
 from unclip_jax.stages.clip import build_clip
 from unclip_jax.train import checkpoint
 
 log = logging.getLogger(__name__)
 
+# What a prior or decoder was trained on: the CLIP's fingerprint and sizes (+ extras).
+FROZEN_CLIP_FILENAME = "frozen_clip.json"
+_CLIP_HELP = ("a CLIP workdir, trained with python -m unclip_jax.train --config "
+              "configs/clip.py:demo --workdir DIR")
 _TRAIN_COMMAND = ("python -m unclip_jax.train --config configs/{stage}.py:demo "
                   "--workdir {workdir}")
 
@@ -47,6 +53,35 @@ def read_config(workdir: str, expected_stage: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f"{workdir} holds a {stage!r} run, not a {expected_stage!r} "
                        f"run; pass the {expected_stage} stage's workdir")
   return config
+
+
+def check_clip_workdir(config: ml_collections.ConfigDict,
+                       same_data: Sequence[str]) -> ml_collections.ConfigDict:
+  """The CLIP run of a prior's or decoder's `config.clip_workdir`, after one-line
+  errors for a missing or wrong workdir, `data` fields (`same_data`) that differ
+  from the CLIP's, and emoji the CLIP never saw."""
+  c = config
+  if not c.get("clip_workdir"):
+    raise ConfigError(f"clip_workdir is not set; pass --config.clip_workdir=DIR, "
+                      f"{_CLIP_HELP}")
+  if not os.path.isdir(c.clip_workdir):
+    raise WorkdirError(f"clip_workdir={c.clip_workdir} does not exist; pass "
+                       f"{_CLIP_HELP}")
+  clip_config = read_config(c.clip_workdir, "clip")
+  latest_step(c.clip_workdir, "clip", c.get("clip_step"))
+  for field in same_data:
+    if c.data.get(field) != clip_config.data.get(field):
+      raise ConfigError(
+          f"data.{field}={c.data.get(field)!r} but the CLIP in {c.clip_workdir} was "
+          f"trained with {clip_config.data.get(field)!r}; set "
+          f"--config.data.{field}={clip_config.data.get(field)}")
+  clip_emoji = clip_config.data.get("num_emoji") or 0  # 0: every emoji
+  emoji = c.data.get("num_emoji") or 0
+  if c.data.name in BUNDLED_BUILDERS and clip_emoji and not 0 < emoji <= clip_emoji:
+    raise ConfigError(
+        f"data.num_emoji={emoji} but the CLIP in {c.clip_workdir} knows only the first "
+        f"{clip_emoji} emoji; set --config.data.num_emoji to at most {clip_emoji}")
+  return clip_config
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -178,6 +213,12 @@ class FrozenClip:
   def resolution(self) -> int:
     return self.config.data.resolution
 
+  @property
+  def vocab_size(self) -> int:
+    """Token ids a model reading this CLIP's tokens must embed: the tokenizer's
+    configured vocabulary (an upper bound of the trained one)."""
+    return int(self.config.tokenizer.vocab_size)
+
   @functools.cached_property
   def params(self) -> Any:
     log.info("loading CLIP step %d from %s", self.step, self.workdir)
@@ -227,3 +268,32 @@ class FrozenClip:
 
   def __repr__(self) -> str:
     return f"FrozenClip({self.fingerprint})"
+
+
+def record_frozen_clip(workdir: str, clip: FrozenClip, **extra) -> None:
+  """Keeps with a prior's or decoder's run what it needs of its CLIP: the tokenizer
+  (captions are read through it) and frozen_clip.json (fingerprint, sizes, `extra`).
+  Process 0 writes; the JSON is replaced atomically."""
+  if jax.process_index() != 0:
+    return
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILENAME)
+  if not os.path.exists(tokenizer_path):
+    shutil.copyfile(os.path.join(clip.workdir, TOKENIZER_FILENAME), tokenizer_path)
+  info = {"fingerprint": clip.fingerprint, "workdir": clip.workdir, "step": clip.step,
+          "embed_dim": clip.embed_dim, "text_width": clip.text_width,
+          "vocab_size": clip.vocab_size, "context_length": clip.context_length,
+          "resolution": clip.resolution, **extra}
+  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
+  with open(path + ".tmp", "w") as f:
+    json.dump(info, f)
+  os.replace(path + ".tmp", path)
+
+
+def read_frozen_clip(workdir: str, stage: str) -> dict:
+  """The frozen_clip.json a `stage` run (prior, decoder) wrote in `workdir`."""
+  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
+  if not os.path.exists(path):
+    raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
+                       f"written by a {stage} run")
+  with open(path) as f:
+    return json.load(f)

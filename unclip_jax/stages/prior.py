@@ -7,222 +7,36 @@ the time, for classifier-free guidance. Sampling is DDIM over a respaced schedul
 N candidates are drawn per caption and the one with the highest z_i . z_t is kept.
 
 The stage trains on frozen CLIP outputs computed once into an embedding cache
-(embedding_cache.py); images are never seen after that. `DiffusionPrior` (the loss and
-the one-call sampler) and `load_prior` are what the sampling pipeline reuses.
+(embedding_cache.py); images are never seen after that. The model, its loss and the
+one-call sampler are `prior_model.DiffusionPrior`; it and `load_prior` are what the
+sampling pipeline reuses.
 """
 import functools
-import json
 import logging
-import math
-import os
-import shutil
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax import diffusion
 from unclip_jax.data import pipeline
-from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
-from unclip_jax.errors import ConfigError, WorkdirError
+from unclip_jax.errors import ConfigError
 from unclip_jax.models.clip import l2_normalize
-from unclip_jax.models.prior import PriorTransformer
 from unclip_jax.stages import embedding_cache, frozen
 from unclip_jax.stages.base import Stage
-from unclip_jax.stages.clip import DTYPES
 from unclip_jax.stages.embedding_cache import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
                                                TEXT_ENCODINGS, TEXT_MASK)
+from unclip_jax.stages.prior_model import DiffusionPrior, make_scaler
 
 log = logging.getLogger(__name__)
 
-PARAMETERIZATION = "x0"  # the paper's prior predicts z_i itself, not the noise
 MODEL_INPUTS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, TEXT_ENCODINGS, TEXT_MASK)
-# What the prior was trained on: the CLIP's fingerprint and sizes, z_i statistics.
-FROZEN_CLIP_FILENAME = "frozen_clip.json"
-_CLIP_HELP = ("a CLIP workdir, trained with python -m unclip_jax.train --config "
-              "configs/clip.py:demo --workdir DIR")
-
-
-def build_prior_model(config: ml_collections.ConfigDict, *, embed_dim: int,
-                      text_width: int, context_length: int) -> PriorTransformer:
-  """The PriorTransformer a prior config describes, on a CLIP of these sizes
-  (`context_length`: the CLIP's; `model.text_context` may shorten it)."""
-  m = config.model
-  if m.get("text_context"):
-    context_length = min(context_length, m.text_context)
-  return PriorTransformer(
-      embed_dim=embed_dim, text_width=text_width, width=m.width, depth=m.depth,
-      num_heads=m.num_heads, context_length=context_length, mlp_ratio=m.mlp_ratio,
-      dropout=m.dropout, dtype=DTYPES[config.dtype], remat_policy=m.remat_policy,
-      scan_layers=m.scan_layers)
-
-
-@flax.struct.dataclass
-class EmbeddingScaler:
-  """CLIP space <-> the prior's diffusion space: x = (z - mean) / std, per dimension.
-
-  Diffusion assumes data of roughly unit variance per dimension; a unit-norm CLIP
-  embedding has per-dimension values near 1/sqrt(embed_dim).
-  """
-  mean: jax.Array  # float32 [embed_dim]
-  std: jax.Array  # float32 [embed_dim]
-
-  def to_model(self, embedding: jax.Array) -> jax.Array:
-    return (embedding - self.mean) / self.std
-
-  def from_model(self, x: jax.Array) -> jax.Array:
-    return x * self.std + self.mean
-
-
-def make_scaler(embedding_scale: str, embed_dim: int,
-                stats: tuple[np.ndarray, np.ndarray] | None = None) -> EmbeddingScaler:
-  """`model.embedding_scale` -> a scaler. "standardize" needs `stats` (mean, std)."""
-  zeros = np.zeros((embed_dim,), np.float32)
-  if embedding_scale == "standardize":
-    if stats is None:
-      raise ValueError("embedding_scale='standardize' needs the training cache's "
-                       "image embedding statistics")
-    mean, std = (np.asarray(s, np.float32) for s in stats)
-    # A dimension CLIP never varies would otherwise be divided by ~0.
-    std = np.maximum(std, 1e-3 * float(np.mean(std)) + 1e-12)
-    return EmbeddingScaler(jnp.asarray(mean), jnp.asarray(std))
-  if embedding_scale == "sqrt_dim":
-    scale = math.sqrt(embed_dim)
-  else:
-    try:
-      scale = float(embedding_scale)
-    except ValueError:
-      raise ConfigError(f"model.embedding_scale={embedding_scale!r}: use "
-                        "'standardize', 'sqrt_dim' or a number such as 17.2") from None
-    if scale <= 0:
-      raise ConfigError(f"model.embedding_scale={embedding_scale!r} must be > 0")
-  return EmbeddingScaler(jnp.asarray(zeros), jnp.full((embed_dim,), 1.0 / scale))
-
-
-def text_drop_mask(rng: jax.Array, batch_size: int, drop_prob: float) -> jax.Array:
-  """bool [batch_size]: True where the caption is replaced by the learned null."""
-  return jax.random.bernoulli(rng, drop_prob, (batch_size,))
-
-
-def select_best_candidate(candidates: jax.Array, text_embedding: jax.Array) -> jax.Array:
-  """[num_candidates, B, D] image embeddings -> [B, D]: per caption, the candidate
-  whose direction has the highest dot product with z_t [B, D] (§2.1)."""
-  scores = jnp.einsum("nbd,bd->nb", l2_normalize(candidates),
-                      text_embedding.astype(jnp.float32))
-  best = jnp.argmax(scores, axis=0)  # [B]
-  return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
-
-
-class DiffusionPrior:
-  """The prior's model, noise schedule and embedding scaler: its training loss and
-  its sampler, shared by the stage and the sampling pipeline."""
-
-  def __init__(self, model: PriorTransformer, scaler: EmbeddingScaler, *,
-               schedule: str = "cosine", num_timesteps: int = 1000,
-               text_drop_prob: float = 0.1):
-    self.model = model
-    self.scaler = scaler
-    self.schedule = diffusion.make_schedule(schedule, num_timesteps)
-    self.text_drop_prob = text_drop_prob
-    # One compiled function per (shapes, num_steps, guidance_scale, candidates, eta).
-    self.sample = jax.jit(self._sample, static_argnames=(
-        "num_steps", "guidance_scale", "num_candidates", "eta"))
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, *, embed_dim: int,
-                  text_width: int, context_length: int,
-                  stats: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> "DiffusionPrior":
-    model = build_prior_model(config, embed_dim=embed_dim, text_width=text_width,
-                              context_length=context_length)
-    return cls(model, make_scaler(config.model.embedding_scale, embed_dim, stats),
-               schedule=config.diffusion.schedule,
-               num_timesteps=config.diffusion.num_timesteps,
-               text_drop_prob=config.model.text_drop_prob)
-
-  def init_params(self, rng: jax.Array) -> Any:
-    """Params boxed with logical axis names."""
-    m = self.model
-    batch = 1
-    return m.init(
-        rng, jnp.zeros((batch, m.embed_dim)), jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch, m.embed_dim)),
-        jnp.zeros((batch, m.context_length, m.text_width)),
-        jnp.ones((batch, m.context_length), bool), jnp.zeros((batch,), bool))["params"]
-
-  def _conditional_model(self, params, text_embedding, text_encodings, text_mask, *,
-                         dropout_rng=None):
-    """model_fn(x_t, t, drop_text) for the diffusion functions; the caption inputs
-    are repeated to x_t's batch (guidance doubles it)."""
-    # A model with a shorter text context than CLIP's reads the first tokens only.
-    context = self.model.context_length
-    text_encodings, text_mask = text_encodings[:, :context], text_mask[:, :context]
-
-    def model_fn(x_t, t, drop_text):
-      condition = diffusion.match_batch(
-          (text_embedding, text_encodings, text_mask), x_t.shape[0])
-      return self.model.apply(
-          {"params": params}, x_t, t, *condition, drop_text,
-          deterministic=dropout_rng is None,
-          rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    return model_fn
-
-  def losses(self, params, batch, rng: jax.Array, *, train: bool = True
-             ) -> tuple[jax.Array, jax.Array]:
-    """Per-example MSE to the scaled z_i [B] and the text-drop mask [B].
-
-    `train=False`: no caption dropped, no dropout (held-out loss).
-    """
-    drop_rng, diffusion_rng, dropout_rng = jax.random.split(rng, 3)
-    batch_size = batch[IMAGE_EMBEDDING].shape[0]
-    if train:
-      drop = text_drop_mask(drop_rng, batch_size, self.text_drop_prob)
-    else:
-      drop = jnp.zeros((batch_size,), bool)
-    use_dropout = train and self.model.dropout > 0
-    conditional = self._conditional_model(
-        params, batch[TEXT_EMBEDDING], batch[TEXT_ENCODINGS], batch[TEXT_MASK],
-        dropout_rng=dropout_rng if use_dropout else None)
-    x0 = self.scaler.to_model(batch[IMAGE_EMBEDDING].astype(jnp.float32))
-    per_example, _ = diffusion.training_losses(
-        self.schedule, lambda x_t, t: conditional(x_t, t, drop), x0, diffusion_rng,
-        parameterization=PARAMETERIZATION)
-    return per_example, drop
-
-  def _sample(self, params, text_embedding, text_encodings, text_mask, rng, *,
-              num_steps: int, guidance_scale: float = 1.0, num_candidates: int = 2,
-              eta: float = 0.0, drop_text: jax.Array | None = None) -> jax.Array:
-    """Image embeddings [B, D] in CLIP space (not renormalised) for captions given
-    as z_t [B, D], token encodings [B, L, W] and their mask bool [B, L].
-    `drop_text` bool [B]: rows sampled unconditionally (the learned null caption
-    in place of theirs, e.g. for an empty prompt)."""
-    batch_size = text_embedding.shape[0]
-    # Candidates run as one batch: row c * B + b is candidate c of caption b.
-    tiled = diffusion.match_batch((text_embedding, text_encodings, text_mask),
-                                  num_candidates * batch_size)
-    conditional = self._conditional_model(params, *tiled)
-    if drop_text is not None:
-      caption_model = conditional
-      conditional = lambda x_t, t, drop: caption_model(
-          x_t, t, drop | diffusion.match_batch(drop_text, x_t.shape[0]))
-    model_fn = diffusion.guided(conditional, guidance_scale)
-    x = diffusion.ddim_sample(
-        model_fn, diffusion.respace(self.schedule, num_steps),
-        shape=(num_candidates * batch_size, self.model.embed_dim), rng=rng,
-        parameterization=PARAMETERIZATION, eta=eta)
-    candidates = self.scaler.from_model(x).reshape(
-        num_candidates, batch_size, self.model.embed_dim)
-    return select_best_candidate(candidates, text_embedding)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Row-wise cosine of [N, D] x2 -> [N]."""
-  a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-  b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-  return np.sum(a * b, axis=-1)
+  return np.sum(np.asarray(l2_normalize(a)) * np.asarray(l2_normalize(b)), axis=-1)
 
 
 def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -234,8 +48,7 @@ def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
   """
   assert sampled.shape == true.shape, (sampled.shape, true.shape)
   shuffled = np.roll(np.arange(len(true)), 1)
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-  similarity = unit(sampled) @ unit(true).T
+  similarity = np.asarray(l2_normalize(sampled) @ l2_normalize(true).T)
   return {
       "eval/prior_cos": float(np.mean(cosine_similarity(sampled, true))),
       "eval/prior_cos_shuffled": float(np.mean(cosine_similarity(sampled,
@@ -245,38 +58,13 @@ def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
   }
 
 
-def _write_frozen_clip(path: str, clip: frozen.FrozenClip, stats) -> None:
-  mean, std = stats
-  info = {"fingerprint": clip.fingerprint, "workdir": clip.workdir, "step": clip.step,
-          "embed_dim": clip.embed_dim, "text_width": clip.text_width,
-          "context_length": clip.context_length,
-          "image_embedding_mean": np.asarray(mean).tolist(),
-          "image_embedding_std": np.asarray(std).tolist()}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f)
-  os.replace(tmp, path)
-
-
 class PriorStage(Stage):
   """Trains the diffusion prior on a frozen CLIP's cached outputs."""
 
   def validate(self):
     c = self.config
-    if not c.get("clip_workdir"):
-      raise ConfigError(f"clip_workdir is not set; pass --config.clip_workdir=DIR, "
-                        f"{_CLIP_HELP}")
-    if not os.path.isdir(c.clip_workdir):
-      raise WorkdirError(f"clip_workdir={c.clip_workdir} does not exist; pass "
-                         f"{_CLIP_HELP}")
-    clip_config = frozen.read_config(c.clip_workdir, "clip")
-    frozen.latest_step(c.clip_workdir, "clip", c.get("clip_step"))
-    for field in ("name", "resolution", "num_emoji", "seed"):
-      if c.data.get(field) != clip_config.data.get(field):
-        raise ConfigError(
-            f"data.{field}={c.data.get(field)!r} but the CLIP in {c.clip_workdir} was "
-            f"trained with {clip_config.data.get(field)!r}; set "
-            f"--config.data.{field}={clip_config.data.get(field)}")
+    # The cache feeds the prior's own data through the CLIP: it must be the CLIP's.
+    frozen.check_clip_workdir(c, same_data=("name", "resolution", "num_emoji", "seed"))
     if c.model.width % c.model.num_heads:
       raise ConfigError(f"model.width={c.model.width} does not divide into "
                         f"model.num_heads={c.model.num_heads} heads")
@@ -295,20 +83,15 @@ class PriorStage(Stage):
   def prepare(self):
     c = self.config
     self.clip = frozen.FrozenClip(c.clip_workdir, step=c.get("clip_step"))
-    tokenizer_path = os.path.join(self.workdir, TOKENIZER_FILENAME)
-    if jax.process_index() == 0 and not os.path.exists(tokenizer_path):
-      # The prior reads captions through the CLIP's tokenizer: keep it with the run.
-      shutil.copyfile(os.path.join(self.clip.workdir, TOKENIZER_FILENAME),
-                      tokenizer_path)
     self.train_cache, self.eval_cache = (
         embedding_cache.build_or_load(
             self.workdir, split, pipeline.get_data_source(c.data, split), self.clip,
             batch_size=c.cache_batch_size)
         for split in (c.data.train_split, c.data.eval_split))
     stats = self.train_cache.image_embedding_stats
-    if jax.process_index() == 0:
-      _write_frozen_clip(os.path.join(self.workdir, FROZEN_CLIP_FILENAME), self.clip,
-                         stats)
+    frozen.record_frozen_clip(
+        self.workdir, self.clip, image_embedding_mean=np.asarray(stats[0]).tolist(),
+        image_embedding_std=np.asarray(stats[1]).tolist())
     self.prior = DiffusionPrior.from_config(
         c, embed_dim=self.clip.embed_dim, text_width=self.clip.text_width,
         context_length=self.clip.context_length, stats=stats)
@@ -408,12 +191,7 @@ def load_prior(workdir: str, step: int | None = None,
   fingerprint with `clip_fingerprint` to catch a CLIP retrained since.
   """
   config, params, step = frozen.load_trained(workdir, "prior", step, sharding)
-  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
-  if not os.path.exists(path):
-    raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
-                       "written by a prior run")
-  with open(path) as f:
-    clip = json.load(f)
+  clip = frozen.read_frozen_clip(workdir, "prior")
   prior = DiffusionPrior.from_config(
       config, embed_dim=clip["embed_dim"], text_width=clip["text_width"],
       context_length=clip["context_length"],
