@@ -1,13 +1,14 @@
 """What every command-line entry point shares: flag errors and user errors as
 one line (exit 2), and our progress lines at INFO over quiet libraries."""
 import logging
+import signal
 import sys
 from typing import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from unclip_jax.errors import UserError
+from unclip_jax.errors import Preempted, UserError
 
 
 def _one_line(error: BaseException) -> str:
@@ -55,4 +56,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     except UserError as e:
       print(f"error: {_one_line(e)}", file=sys.stderr)
       sys.exit(2)
+    except Preempted as e:
+      print(f"stopped: {e}", file=sys.stderr)
+      sys.exit(128 + signal.SIGTERM)  # as if the signal had ended it
   app.run(wrapped, flags_parser=_parse_flags)

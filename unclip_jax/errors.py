@@ -11,3 +11,8 @@ class ConfigError(UserError):
 
 class WorkdirError(UserError):
   """A workdir that is missing, of another stage, or from another config."""
+
+
+class Preempted(Exception):
+  """Training stopped at a step every process agreed on, after a SIGTERM (a
+  pod's preemption notice), with a checkpoint there: the same command resumes."""

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from unclip_jax.parallel import partitioning
+from unclip_jax.parallel import distributed, partitioning
 from unclip_jax.parallel.mesh import make_mesh
 from unclip_jax.train import optim, state
 from unclip_jax.train.step import jit_train_step
@@ -38,27 +38,41 @@ def initial_state(stage):
   return jax.device_get(state.new_state(params, tx))
 
 
+def _process_rows(batch, mesh):
+  """This process's share of a global batch's rows, as each host's data
+  pipeline reads it: all of it on a mesh of this process's devices only."""
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  index = processes.index(jax.process_index())
+  return jax.tree.map(lambda x: np.split(x, len(processes))[index], batch)
+
+
 def two_steps(stage, batch, mesh_shape, initial, devices=None):
-  """((host state, [metrics, metrics]), live state) after two steps."""
+  """((host state, [metrics, metrics]), live state) after two steps.
+
+  The global batch is assembled from each process's rows, as the loop does; with
+  several processes every one must call this (the results are gathered)."""
   mesh, rules, tx = _setup(stage, mesh_shape, devices)
   _, shardings = state.abstract_state(stage.init_params, tx, mesh, rules,
                                       jax.random.key(0))
   train_state = jax.device_put(initial, shardings)
   batch_shardings = partitioning.shard_batch_tree(batch, mesh, rules)
+  global_batch = jax.tree.map(jax.make_array_from_process_local_data,
+                              batch_shardings, _process_rows(batch, mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = jit_train_step(stage.loss, tx, stage.config.optim.ema_decay,
                           shardings, batch_shardings,
                           partitioning.replicated(mesh))
     all_metrics = []
     for _ in range(2):
-      train_state, metrics = step(train_state, batch, jax.random.key(1))
+      train_state, metrics = step(train_state, global_batch, jax.random.key(1))
       all_metrics.append(metrics)
-  return jax.device_get((train_state, all_metrics)), train_state
+  return distributed.to_host((train_state, all_metrics)), train_state
 
 
 def reference_steps(stage, batch):
+  """The initial state and two steps on one of this process's devices."""
   initial = initial_state(stage)
-  result, _ = two_steps(stage, batch, (1, 1, 1), initial, jax.devices()[:1])
+  result, _ = two_steps(stage, batch, (1, 1, 1), initial, jax.local_devices()[:1])
   return initial, result
 
 

@@ -7,7 +7,7 @@ from tests.stages import sharded_steps
 from unclip_jax.stages.clip import ClipStage, build_clip
 
 
-def _stage():
+def make_stage():
   config = clip_config.get_config("tiny")
   config.model.vision_heads = config.model.text_heads = 4  # 'tensor' shards 2
   stage = ClipStage(config, workdir="unused")
@@ -15,7 +15,7 @@ def _stage():
   return stage
 
 
-def _batch(config, size=16):
+def make_batch(config, size=16):
   rng = np.random.default_rng(0)
   r, length = config.data.resolution, config.tokenizer.context_length
   tokens = rng.integers(3, config.tokenizer.vocab_size, (size, length))
@@ -27,8 +27,8 @@ def _batch(config, size=16):
 
 @pytest.fixture(scope="module")
 def reference():
-  stage = _stage()
-  batch = _batch(stage.config)
+  stage = make_stage()
+  batch = make_batch(stage.config)
   return (stage, batch) + sharded_steps.reference_steps(stage, batch)
 
 

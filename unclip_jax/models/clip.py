@@ -5,6 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax.models.text import TextTransformer
 from unclip_jax.models.vit import VisionTransformer
@@ -20,6 +21,13 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True),
                                        eps))
+
+
+def l2_normalize_host(x, eps: float = 1e-12) -> np.ndarray:
+  """`l2_normalize` in numpy, for evaluation and sampling code on the host (no
+  device computation, so none placed on a caller's mesh)."""
+  x = np.asarray(x, np.float32)
+  return x / np.sqrt(np.maximum(np.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 class CLIP(nn.Module):

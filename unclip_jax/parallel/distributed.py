@@ -21,6 +21,8 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from unclip_jax.errors import ConfigError
 
@@ -131,3 +133,15 @@ def quiet_other_processes() -> None:
   """Only process 0 logs progress; the others log warnings and errors."""
   if jax.process_index() != 0:
     logging.getLogger("unclip_jax").setLevel(logging.WARNING)
+
+
+def to_host(tree):
+  """numpy copies of a pytree of arrays, in every process: an array split over
+  other processes' devices is all-gathered first, so every process must call
+  this together (as evaluation does). One process: `jax.device_get`."""
+  def fetch(x):
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable
+        and not x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.errors import UserError
-from unclip_jax.models.clip import l2_normalize
+from unclip_jax.models.clip import l2_normalize_host
 from unclip_jax.pipeline import batching, images as images_lib, loading, options
 from unclip_jax.pipeline.manipulations import Manipulations
 from unclip_jax.pipeline.prompts import check_prompts, encode_prompts
@@ -127,7 +127,7 @@ class UnCLIPPipeline(Manipulations):
         "mask": self.clip.text_mask(tokens), "unconditional": unconditional,
     }, max_batch=self.max_batch)
     # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
-    image_embeddings = np.asarray(l2_normalize(image_embeddings))
+    image_embeddings = l2_normalize_host(image_embeddings)
     # An empty prompt's caption is the all-pad one the decoder learned to drop to.
     decoder_tokens = np.where(unconditional[:, None], 0, tokens)
     return self._decode(

@@ -46,5 +46,7 @@ class Stage(abc.ABC):
     return {}
 
   def write_samples(self, params: Any, step: int) -> None:
-    """Generative stages write a PNG grid to workdir/samples/."""
+    """Generative stages write a PNG grid to workdir/samples/. Called in
+    every process: whatever runs on the params runs in all of them; only
+    process 0 writes."""
     del params, step

@@ -9,6 +9,7 @@ import optax
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
 from unclip_jax.models.clip import CLIP
+from unclip_jax.parallel import distributed
 from unclip_jax.stages.base import Stage
 from unclip_jax.stages.text import tokenizer_for_workdir
 
@@ -128,8 +129,8 @@ class ClipStage(Stage):
     i2t, t2i = [], []
     for group in range(e.num_groups):
       rows = slice(group * e.num_candidates, (group + 1) * e.num_candidates)
-      z_i, z_t = jax.device_get(self._encode(params, batch["image"][rows],
-                                             batch["tokens"][rows]))
+      z_i, z_t = distributed.to_host(self._encode(
+          params, batch["image"][rows], batch["tokens"][rows]))
       group_i2t, group_t2i = retrieval_top1(z_i, z_t)
       i2t.append(group_i2t)
       t2i.append(group_t2i)

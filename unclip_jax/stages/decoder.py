@@ -19,6 +19,7 @@ import numpy as np
 from unclip_jax import diffusion
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
+from unclip_jax.parallel import distributed
 from unclip_jax.sample import grid
 from unclip_jax.stages import decoder_eval, diffusion_common, embedding_cache, frozen
 from unclip_jax.stages.base import Stage
@@ -193,7 +194,7 @@ class DecoderStage(Stage):
         self.eval_source, batch_size=c.eval.batch_size,
         preprocess=self._model_inputs, limit=c.eval.loss_examples)):
       mask = batch.pop("mask")
-      out = jax.device_get(self._eval_losses(
+      out = distributed.to_host(self._eval_losses(
           params, {k: batch[k] for k in MODEL_INPUTS}, jax.random.fold_in(rng, index)))
       for name, values in out.items():
         sums[name] = sums.get(name, 0.0) + float(np.sum(np.asarray(values)[mask]))
@@ -218,14 +219,15 @@ class DecoderStage(Stage):
   def write_samples(self, params, step):
     """workdir/samples/step_<N>.png: a row per fixed held-out caption,
     eval.samples_per_caption samples, then the true image."""
-    if jax.process_index() != 0:
-      return
     e = self.config.eval
     examples = self.held_out(self.eval_examples()[:e.num_samples])
     repeated = {k: np.repeat(v, e.samples_per_caption, axis=0)
                 for k, v in examples.items()}
+    # Every host samples (the params span them all); process 0 writes.
     samples = self._sample_all(params, repeated,
                                jax.random.key(self.config.seed + 3))
+    if jax.process_index() != 0:
+      return
     path = os.path.join(self.workdir, "samples", f"step_{step}.png")
     decoder_eval.write_sample_grid(path, samples, examples[IMAGE],
                                    list(examples[CAPTION]))

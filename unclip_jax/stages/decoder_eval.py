@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from unclip_jax.data import pipeline, scenes
-from unclip_jax.models.clip import l2_normalize
+from unclip_jax.models.clip import l2_normalize_host
 from unclip_jax.sample import grid
 
 LABELS = ("emoji_index", "color_index", "position_index")
@@ -35,7 +35,7 @@ def clip_agreement(clip, images: np.ndarray, image_embedding: np.ndarray,
   """`eval/clip_cos{suffix}`, `eval/clip_top1{suffix}` of uint8 images [N, S, S, 3]
   at the CLIP's resolution against the z_i [N, D] they should show."""
   encoded = clip.encode_image(np.asarray(images, np.float32) / 127.5 - 1.0)
-  similarity = np.asarray(l2_normalize(encoded) @ l2_normalize(image_embedding).T)
+  similarity = l2_normalize_host(encoded) @ l2_normalize_host(image_embedding).T
   return {
       f"eval/clip_cos{suffix}": float(np.mean(np.diag(similarity))),
       f"eval/clip_top1{suffix}": float(np.mean(

@@ -16,6 +16,7 @@ import numpy as np
 from unclip_jax import diffusion
 from unclip_jax.errors import ConfigError
 from unclip_jax.models.unet_blocks import IMAGE_AXES
+from unclip_jax.parallel import distributed
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("cosine", "linear")
@@ -155,7 +156,7 @@ def map_batches(fn: Callable[[dict, int], Any], arrays: dict[str, np.ndarray],
   outputs = []
   for start in range(0, total, batch_size):
     rows = np.minimum(np.arange(start, start + batch_size), total - 1)
-    out = jax.device_get(fn({k: v[rows] for k, v in arrays.items()}, start))
+    out = distributed.to_host(fn({k: v[rows] for k, v in arrays.items()}, start))
     outputs.append(jax.tree.map(lambda x: np.asarray(x)[:total - start], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 

@@ -98,11 +98,20 @@ logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
   # PyTreeCheckpointHandler (not the loop's StandardCheckpointHandler) because it can
   # restore a part of the saved tree; the other items are registered so orbax knows them.
+  # Process-local: a frozen stage is read onto this host's devices, by whichever
+  # processes need it (only process 0 builds an embedding cache), so orbax must
+  # not wait for the others at its barriers.
+  this_process = jax.process_index()
+  local = ocp.options.MultiprocessingOptions(
+      primary_host=this_process, active_processes={this_process},
+      barrier_sync_key_prefix=f"read_only_process_{this_process}")
   return ocp.CheckpointManager(
       checkpoint.checkpoint_dir(workdir),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0),
-      item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
+                                           save_interval_steps=0,
+                                           multiprocessing_options=local),
+      item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(
+                         multiprocessing_options=local),
                      checkpoint.DATA: grain.checkpoint.CheckpointHandler(),
                      checkpoint.CONFIG: ocp.JsonCheckpointHandler()})
 
@@ -121,10 +130,15 @@ def _checkpoint_step(manager, workdir: str, stage: str, step: int | None) -> int
   return step
 
 
+def local_mesh() -> Mesh:
+  """This host's devices on one "batch" axis: where frozen stages run, in any
+  process, apart from the trainer's global mesh."""
+  return Mesh(np.asarray(jax.local_devices()), ("batch",))
+
+
 def local_replicated_sharding() -> NamedSharding:
   """Every leaf whole on each of this host's devices (no cross-host collectives)."""
-  return NamedSharding(Mesh(np.asarray(jax.local_devices()), ("batch",)),
-                       PartitionSpec())
+  return NamedSharding(local_mesh(), PartitionSpec())
 
 
 def restore_ema_params(workdir: str, step: int, sharding: Any = None) -> Any:
@@ -225,10 +239,9 @@ class FrozenClip:
     return restore_ema_params(self.workdir, self.step, local_replicated_sharding())
 
   def _put_batch(self, array: np.ndarray) -> jax.Array:
-    devices = jax.local_devices()
-    if len(array) % len(devices):
+    mesh = local_mesh()
+    if len(array) % mesh.size:
       return jax.device_put(array, local_replicated_sharding())
-    mesh = Mesh(np.asarray(devices), ("batch",))
     return jax.device_put(array, NamedSharding(mesh, PartitionSpec("batch")))
 
   def _jit_method(self, method: str):
@@ -237,7 +250,13 @@ class FrozenClip:
       # constrain activations of a model whose params live on this host's devices.
       with nn.logical_axis_rules(()):
         return self.model.apply({"params": params}, inputs, method=method)
-    return jax.jit(apply)
+    jitted = jax.jit(apply)
+
+    def on_this_host(params, inputs):
+      # The trainer's mesh spans every process's devices; this runs on ours only.
+      with jax.set_mesh(local_mesh()):
+        return jitted(params, inputs)
+    return on_this_host
 
   @functools.cached_property
   def _encode_text(self):

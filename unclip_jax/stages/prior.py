@@ -22,9 +22,10 @@ import numpy as np
 
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
-from unclip_jax.models.clip import l2_normalize
+from unclip_jax.models.clip import l2_normalize_host
 from unclip_jax.stages import embedding_cache, frozen
 from unclip_jax.stages.base import Stage
+from unclip_jax.stages.diffusion_common import map_batches
 from unclip_jax.stages.embedding_cache import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
                                                TEXT_ENCODINGS, TEXT_MASK)
 from unclip_jax.stages.prior_model import DiffusionPrior, make_scaler
@@ -36,7 +37,7 @@ MODEL_INPUTS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, TEXT_ENCODINGS, TEXT_MASK)
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Row-wise cosine of [N, D] x2 -> [N]."""
-  return np.sum(np.asarray(l2_normalize(a)) * np.asarray(l2_normalize(b)), axis=-1)
+  return np.sum(l2_normalize_host(a) * l2_normalize_host(b), axis=-1)
 
 
 def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -48,7 +49,7 @@ def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
   """
   assert sampled.shape == true.shape, (sampled.shape, true.shape)
   shuffled = np.roll(np.arange(len(true)), 1)
-  similarity = np.asarray(l2_normalize(sampled) @ l2_normalize(true).T)
+  similarity = l2_normalize_host(sampled) @ l2_normalize_host(true).T
   return {
       "eval/prior_cos": float(np.mean(cosine_similarity(sampled, true))),
       "eval/prior_cos_shuffled": float(np.mean(cosine_similarity(sampled,
@@ -140,30 +141,19 @@ class PriorStage(Stage):
     return (self.eval_cache.arrays(range(count), MODEL_INPUTS),
             self.eval_cache.arrays(self.eval_examples(), MODEL_INPUTS))
 
-  def _in_batches(self, arrays: dict, fn) -> np.ndarray:
-    """fn(batch, first_row) over `arrays` in eval.batch_size chunks, the last padded
-    by repetition (one compiled shape); the outputs concatenated, padding removed."""
-    size = self.config.eval.batch_size
-    total = len(next(iter(arrays.values())))
-    outputs = []
-    for start in range(0, total, size):
-      rows = np.minimum(np.arange(start, start + size), total - 1)
-      out = jax.device_get(fn({k: v[rows] for k, v in arrays.items()}, start))
-      outputs.append(np.asarray(out)[:total - start])
-    return np.concatenate(outputs)
-
   def evaluate(self, params, step):
     c, s = self.config, self.config.sample
     loss_examples, examples = self._held_out
     # The same t, noise and x_T at every evaluation: curves are not sampling noise.
     loss_rng, sample_rng = jax.random.split(jax.random.key(c.seed + 1))
-    losses = self._in_batches(loss_examples, lambda batch, start: self._eval_losses(
-        params, batch, jax.random.fold_in(loss_rng, start)))
-    sampled = self._in_batches(examples, lambda batch, start: self.prior.sample(
+    size = c.eval.batch_size
+    losses = map_batches(lambda batch, start: self._eval_losses(
+        params, batch, jax.random.fold_in(loss_rng, start)), loss_examples, size)
+    sampled = map_batches(lambda batch, start: self.prior.sample(
         params, batch[TEXT_EMBEDDING], batch[TEXT_ENCODINGS], batch[TEXT_MASK],
         jax.random.fold_in(sample_rng, start), num_steps=s.num_steps,
         guidance_scale=float(s.guidance_scale), num_candidates=s.num_candidates,
-        eta=float(s.eta)))
+        eta=float(s.eta)), examples, size)
     metrics = sample_metrics(sampled, examples[IMAGE_EMBEDDING])
     metrics["eval/loss"] = float(np.mean(losses))
     # What z_t itself scores in place of a sample: the prior should beat it.

@@ -28,6 +28,7 @@ from unclip_jax.data import degradations, pipeline
 from unclip_jax.data.preprocess import center_crop_and_resize
 from unclip_jax.errors import ConfigError
 from unclip_jax.models.unet import UNet
+from unclip_jax.parallel import distributed
 from unclip_jax.sample import grid
 from unclip_jax.stages import diffusion_common, frozen
 from unclip_jax.stages.base import Stage
@@ -307,7 +308,7 @@ class UpsamplerStage(Stage):
         preprocess=self._preprocess, limit=c.eval.loss_examples)):
       per_example = self._eval_losses(params, batch[pipeline.IMAGE],
                                       jax.random.fold_in(rng, index))
-      losses.append(np.asarray(jax.device_get(per_example)))
+      losses.append(distributed.to_host(per_example))
       weights.append(batch["mask"])
     images = self._upsampled(params, step)
     return {

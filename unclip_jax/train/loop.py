@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import stages
+from unclip_jax.errors import Preempted
 from unclip_jax.parallel import coverage, distributed
 from unclip_jax.parallel import mesh as mesh_lib
 from unclip_jax.parallel import partitioning
@@ -110,14 +111,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         log.info("eval at step %d: %s", step, ", ".join(
             f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
       meter.exclude(time.perf_counter() - began)
-    if step % config.checkpoint_every == 0 or last:
+    # Under jax.distributed a SIGTERM (a pod's preemption notice) is not fatal:
+    # every process learns of it and they agree on a step to save at and stop.
+    preempted = manager.reached_preemption(step)
+    if step % config.checkpoint_every == 0 or last or preempted:
       began = time.perf_counter()
       checkpoint.save(manager, step, train_state, iterator, config,
-                      force=last)
+                      force=last or preempted)
       meter.exclude(time.perf_counter() - began)
+    if preempted:
+      break
     if not last:
       batch = next(iterator)
   manager.wait_until_finished()
   manager.close()
   writer.close()
+  if step < config.total_steps:
+    raise Preempted(f"preempted at step {step} of {config.total_steps}; saved a "
+                    "checkpoint there, and the same command resumes from it")
   return eval_metrics
