@@ -1,5 +1,5 @@
 """Running a compiled sampler over any number of rows: fixed-size chunks, padded
-to a multiple of the local device count and split over a 1-D data mesh.
+to a multiple of the local device count and split over this host's devices.
 
 Every chunk has the same shape, so each sampler compiles once per request size
 class, not once per request; the padding rows repeat the last real row and are
@@ -9,15 +9,9 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from unclip_jax.stages import diffusion_common
-
-AXIS = "batch"  # the axis of frozen.local_replicated_sharding's mesh: same devices
-
-
-def data_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.local_devices()), (AXIS,))
+from unclip_jax.stages import diffusion_common, frozen
 
 
 def chunk_size(rows: int, max_batch: int) -> int:
@@ -30,8 +24,8 @@ def chunk_size(rows: int, max_batch: int) -> int:
 
 def shard_rows(tree: Any) -> Any:
   """numpy leaves [B, ...] (B a multiple of the device count) -> arrays split
-  over the data mesh along B."""
-  sharding = NamedSharding(data_mesh(), PartitionSpec(AXIS))
+  over this host's devices along B (the mesh the frozen CLIP's params are on)."""
+  sharding = NamedSharding(frozen.local_mesh(), PartitionSpec(frozen.LOCAL_AXIS))
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
 

@@ -130,10 +130,13 @@ def _checkpoint_step(manager, workdir: str, stage: str, step: int | None) -> int
   return step
 
 
+LOCAL_AXIS = "batch"
+
+
 def local_mesh() -> Mesh:
-  """This host's devices on one "batch" axis: where frozen stages run, in any
-  process, apart from the trainer's global mesh."""
-  return Mesh(np.asarray(jax.local_devices()), ("batch",))
+  """This host's devices on one LOCAL_AXIS: where frozen stages and samplers run,
+  in any process, apart from the trainer's global mesh."""
+  return Mesh(np.asarray(jax.local_devices()), (LOCAL_AXIS,))
 
 
 def local_replicated_sharding() -> NamedSharding:
@@ -242,7 +245,7 @@ class FrozenClip:
     mesh = local_mesh()
     if len(array) % mesh.size:
       return jax.device_put(array, local_replicated_sharding())
-    return jax.device_put(array, NamedSharding(mesh, PartitionSpec("batch")))
+    return jax.device_put(array, NamedSharding(mesh, PartitionSpec(LOCAL_AXIS)))
 
   def _jit_method(self, method: str):
     def apply(params, inputs):
