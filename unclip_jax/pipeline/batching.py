@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from unclip_jax.stages import diffusion_common, frozen
 
@@ -25,8 +24,7 @@ def chunk_size(rows: int, max_batch: int) -> int:
 def shard_rows(tree: Any) -> Any:
   """numpy leaves [B, ...] (B a multiple of the device count) -> arrays split
   over this host's devices along B (the mesh the frozen CLIP's params are on)."""
-  sharding = NamedSharding(frozen.local_mesh(), PartitionSpec(frozen.LOCAL_AXIS))
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+  return jax.tree.map(frozen.put_local_rows, tree)
 
 
 def map_rows(fn: Callable[[Any, int], Any], arrays: dict[str, np.ndarray], *,

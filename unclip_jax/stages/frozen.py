@@ -144,6 +144,16 @@ def local_replicated_sharding() -> NamedSharding:
   return NamedSharding(local_mesh(), PartitionSpec())
 
 
+def put_local_rows(array: Any) -> jax.Array:
+  """numpy [B, ...] -> split over this host's devices along B; whole on each of
+  them when B does not divide (a 3-row request on 8 devices)."""
+  array = np.asarray(array)
+  mesh = local_mesh()
+  if len(array) % mesh.size:
+    return jax.device_put(array, local_replicated_sharding())
+  return jax.device_put(array, NamedSharding(mesh, PartitionSpec(LOCAL_AXIS)))
+
+
 def restore_ema_params(workdir: str, step: int, sharding: Any = None) -> Any:
   """Only the `ema_params` subtree of checkpoint `step`, placed on `sharding`: one
   Sharding for every leaf, a pytree of them shaped like the params, or None
@@ -241,12 +251,6 @@ class FrozenClip:
     log.info("loading CLIP step %d from %s", self.step, self.workdir)
     return restore_ema_params(self.workdir, self.step, local_replicated_sharding())
 
-  def _put_batch(self, array: np.ndarray) -> jax.Array:
-    mesh = local_mesh()
-    if len(array) % mesh.size:
-      return jax.device_put(array, local_replicated_sharding())
-    return jax.device_put(array, NamedSharding(mesh, PartitionSpec(LOCAL_AXIS)))
-
   def _jit_method(self, method: str):
     def apply(params, inputs):
       # No logical axis rules: a caller's mesh context (the trainer's) must not
@@ -281,12 +285,11 @@ class FrozenClip:
   def encode_text(self, tokens) -> tuple[jax.Array, jax.Array]:
     """int32 [B, L] -> (z_t [B, embed_dim] unit-norm, token encodings
     [B, L, text_width]), float32."""
-    return self._encode_text(self.params, self._put_batch(np.asarray(tokens)))
+    return self._encode_text(self.params, put_local_rows(tokens))
 
   def encode_image(self, images) -> jax.Array:
     """float [B, H, W, 3] in [-1, 1] -> z_i [B, embed_dim] unit-norm float32."""
-    return self._encode_image(self.params,
-                              self._put_batch(np.asarray(images, np.float32)))
+    return self._encode_image(self.params, put_local_rows(np.asarray(images, np.float32)))
 
   def __repr__(self) -> str:
     return f"FrozenClip({self.fingerprint})"
