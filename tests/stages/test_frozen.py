@@ -108,3 +108,13 @@ def test_missing_step(tmp_path):
   with pytest.raises(WorkdirError) as error:
     frozen.load_trained(workdir, "clip", step=7)
   assert "no checkpoint at step 7" in _one_line(error)
+
+
+def test_put_local_rows_splits_rows_or_replicates_when_they_do_not_divide():
+  split = frozen.put_local_rows(np.arange(16.0).reshape(8, 2))
+  assert split.sharding.shard_shape(split.shape) == (1, 2)
+  assert split.sharding.mesh.axis_names == (frozen.LOCAL_AXIS,)
+  odd = frozen.put_local_rows(np.arange(3))
+  assert odd.sharding.is_fully_replicated
+  assert set(odd.sharding.device_set) == set(jax.local_devices())
+  np.testing.assert_array_equal(odd, np.arange(3))
