@@ -44,7 +44,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   # drawn independently (the paper's rates: both dropped 5% of the time).
   c.model.image_embedding_drop_prob = 0.1
   c.model.text_drop_prob = 0.5
-  c.model.parameterization = "v"  # what the UNet predicts: "eps" | "v" | "x0"
   # Improved DDPM's learned sigma: 6 output channels, hybrid loss with the VLB term.
   c.model.learned_variance = False
   c.model.vlb_weight = 0.001
@@ -52,6 +51,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"  # "cosine" | "linear"
   c.diffusion.num_timesteps = 1000
+  c.diffusion.parameterization = "v"  # what the UNet predicts: "eps" | "v" | "x0"
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()
@@ -129,7 +129,8 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
                    attention_resolutions=(32, 16, 8), head_channels=64,
                    norm_groups=32, dropout=0.1, text_width=2048, text_depth=24,
                    text_heads=32, text_context=256, remat="full",
-                   parameterization="eps", learned_variance=True)
+                   learned_variance=True)
+    c.diffusion.parameterization = "eps"
     c.sample.num_steps = 250
     c.sample.guidance_scale = 1.25  # Table 2's decoder guidance (FID)
     c.eval.update(loss_examples=4096, num_examples=256, batch_size=64)

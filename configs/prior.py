@@ -37,6 +37,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
   c.diffusion.num_timesteps = 1000
+  c.diffusion.parameterization = "x0"  # §2.1: the prior predicts z_i itself
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()

@@ -34,8 +34,7 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from unclip_jax import UnCLIPPipeline  # pylint: disable=import-outside-toplevel
   from unclip_jax.demo import evaluate  # pylint: disable=import-outside-toplevel
-  from unclip_jax.sample import grid  # pylint: disable=import-outside-toplevel
-  from unclip_jax.stages.decoder import resize_image  # pylint: disable=import-outside-toplevel
+  from unclip_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
 
   root = _WORKDIR.value
   pipe = UnCLIPPipeline.from_workdirs(
@@ -53,12 +52,12 @@ def main(argv):
   factor = max(1, -(-_MIN_TILE // side))
 
   def shown(record):
-    return resize_image(record["image"], side)
+    return images_lib.resize_image(record["image"], side)
 
   def write(name, rows, labels):
     tiles = np.concatenate(rows)
     path = os.path.join(_OUT.value, name)
-    grid.write_grid(path, grid.nearest_upscale(tiles, factor), rows=len(labels),
+    images_lib.write_grid(path, images_lib.nearest_upscale(tiles, factor), rows=len(labels),
                     cols=len(tiles) // len(labels), labels=labels)
     print(path)
 

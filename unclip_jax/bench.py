@@ -23,10 +23,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from unclip_jax import cli, stages
+from unclip_jax.generators.base import IMAGE_EMBEDDING, TEXT_MASK, ClipSizes
+from unclip_jax.generators.prior import Prior
 from unclip_jax.parallel import mesh as mesh_lib
-from unclip_jax.parallel import partitioning
-from unclip_jax.train import optim, progress, state
-from unclip_jax.train import step as step_lib
+from unclip_jax.train import config_checks, progress
+from unclip_jax.train import setup as setup_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config")
 _CLIP_CONFIG = config_flags.DEFINE_config_file(
@@ -40,29 +41,24 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/unclip_bench",
 
 def bench_train_step(config, workdir: str, steps: int) -> dict[str, float]:
   """Times `steps` train steps of `config.stage` on one real input batch."""
+  config_checks.check_common(config)
   stage = stages.get_stage(config.stage)(config, workdir)
   stage.validate()
   stage.prepare()
   mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.dcn_shape)
-  rules = partitioning.rules_from_config(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  train_state, shardings = state.sharded_init(
-      stage.init_params, tx, mesh, rules, jax.random.key(0))
-  batch = next(stage.train_iterator())
-  batch_shardings = partitioning.shard_batch_tree(batch, mesh, rules)
   began = time.perf_counter()
-  compiled, step_flops = step_lib.compile_train_step(
-      stage.loss, tx, config, mesh, rules, shardings, batch_shardings,
-      train_state, batch, jax.random.key(1))
+  run = setup_lib.setup(config, stage, mesh)
   compile_seconds = time.perf_counter() - began
-  train_state, metrics = compiled(train_state, batch, jax.random.key(1))
+  train_state = run.init_state(jax.random.key(0))
+  batch = run.global_batch(next(stage.train_iterator()))
+  train_state, metrics = run.step(train_state, batch, jax.random.key(1))
   jax.block_until_ready(metrics)
   began = time.perf_counter()
   for _ in range(steps):
-    train_state, metrics = compiled(train_state, batch, jax.random.key(1))
+    train_state, metrics = run.step(train_state, batch, jax.random.key(1))
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - began) / steps
-  flops = step_flops / mesh.size
+  flops = run.flops_per_step / mesh.size
   peak = progress.peak_flops_per_device(config.get("peak_flops"))
   return {"stage": config.stage, "compile_seconds": compile_seconds,
           "step_time": step_time,
@@ -73,35 +69,26 @@ def bench_train_step(config, workdir: str, steps: int) -> dict[str, float]:
 
 
 def time_prior_sampling(config: ml_collections.ConfigDict,
-                       clip_config: ml_collections.ConfigDict, *, batch_size: int = 64,
-                       num_steps: int = 64, num_candidates: int = 2,
-                       guidance_scale: float = 1.0, repeats: int = 3,
-                       params: Any = None) -> float:
+                        clip_config: ml_collections.ConfigDict, *,
+                        batch_size: int = 64, num_steps: int = 64,
+                        num_candidates: int = 2, guidance_scale: float = 1.0,
+                        repeats: int = 3, params: Any = None) -> float:
   """Seconds per caption for sampling `batch_size` captions as one compiled call
-  (compilation excluded; the best of `repeats`), on random params unless given.
-
-  """
-  embed_dim = clip_config.model.embed_dim
-  from unclip_jax.stages.prior_model import DiffusionPrior  # pylint: disable=g-import-not-at-top
-  prior = DiffusionPrior.from_config(
-      config, embed_dim=embed_dim, text_width=clip_config.model.text_width,
-      context_length=clip_config.tokenizer.context_length,
-      stats=(np.zeros(embed_dim), np.ones(embed_dim)))
+  (compilation excluded; the best of `repeats`), on random params unless given."""
+  prior = Prior.from_config(config, ClipSizes.from_config(clip_config))
   if params is None:
     params = jax.jit(lambda r: nn.unbox(prior.init_params(r)))(jax.random.key(0))
-  m = prior.model
-  inputs = np.random.default_rng(0)
-  text_embedding = inputs.normal(size=(batch_size, embed_dim)).astype(np.float32)
-  text_encodings = inputs.normal(
-      size=(batch_size, m.context_length, m.text_width)).astype(np.float32)
-  text_mask = np.arange(m.context_length)[None] < m.context_length // 2
-  text_mask = np.broadcast_to(text_mask, (batch_size, m.context_length))
+  conditioning = {
+      k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype)
+      for k, s in prior.abstract_batch(batch_size).items() if k != IMAGE_EMBEDDING}
+  context = prior.clip_context
+  conditioning[TEXT_MASK] = np.broadcast_to(
+      np.arange(context)[None] < context // 2, (batch_size, context))
 
   def run():
     return jax.block_until_ready(prior.sample(
-        params, text_embedding, text_encodings, text_mask, jax.random.key(1),
-        num_steps=num_steps, guidance_scale=guidance_scale,
-        num_candidates=num_candidates))
+        params, conditioning, jax.random.key(1), num_steps=num_steps,
+        guidance_scale=guidance_scale, num_candidates=num_candidates))
 
   run()  # compile
   best = math.inf

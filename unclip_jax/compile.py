@@ -23,7 +23,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -31,10 +30,11 @@ from ml_collections import config_flags
 
 from unclip_jax import cli, stages
 from unclip_jax.errors import ConfigError, UserError
+from unclip_jax.generators.base import ClipSizes
 from unclip_jax.parallel import coverage, partitioning, topologies
 from unclip_jax.parallel.mesh import make_mesh
-from unclip_jax.train import config_checks, optim, state
-from unclip_jax.train import step as step_lib
+from unclip_jax.train import config_checks
+from unclip_jax.train import setup as setup_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "configs/<stage>.py:<preset>")
@@ -52,57 +52,18 @@ _JSON = flags.DEFINE_string("json", None, "also append the report to FILE as "
                             "one JSON line")
 
 
-def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-
-
 def stage_for_compile(config: ml_collections.ConfigDict,
                       clip_config: ml_collections.ConfigDict | None = None):
-  """(stage with its model built from configs alone, global batch of
-  ShapeDtypeStructs as the data pipeline delivers it). No data is read."""
-  name, batch = config.stage, config.batch_size
-  side = config.data.get("resolution")
-  stage = stages.get_stage(name)(config, workdir="unused")
-  if name in ("prior", "decoder") and clip_config is None:
-    raise ConfigError(f"the {name} needs its CLIP's sizes: pass --clip_config "
-                      "configs/clip.py:<preset>")
-  if name == "clip":
-    from unclip_jax.stages.clip import build_clip
-    stage.validate()
-    stage.model = build_clip(config)
-    return stage, {"image": _struct((batch, side, side, 3), np.float32),
-                   "tokens": _struct((batch, config.tokenizer.context_length),
-                                     np.int32)}
-  if name == "upsampler":
-    from unclip_jax.stages import upsampler
-    upsampler.validate_config(config)
-    stage.upsampler = upsampler.Upsampler(config)
-    return stage, {"image": _struct((batch, side, side, 3), np.float32)}
-  clip = clip_config.model
-  context = clip_config.tokenizer.context_length
-  if name == "prior":
-    from unclip_jax.stages.prior_model import DiffusionPrior
-    dim = clip.embed_dim
-    # "standardize" scales by the cache's statistics; any positive ones do here.
-    stats = (np.zeros(dim, np.float32), np.ones(dim, np.float32))
-    stage.prior = DiffusionPrior.from_config(
-        config, embed_dim=dim, text_width=clip.text_width,
-        context_length=context, stats=stats)
-    return stage, {
-        "image_embedding": _struct((batch, dim), np.float32),
-        "text_embedding": _struct((batch, dim), np.float32),
-        "text_encodings": _struct((batch, context, clip.text_width),
-                                  np.float16),
-        "text_mask": _struct((batch, context), np.bool_)}
-  from unclip_jax.stages import decoder
-  decoder.validate_config(config)
-  stage.decoder = decoder.Decoder(
-      config, image_embedding_dim=clip.embed_dim,
-      vocab_size=clip_config.tokenizer.vocab_size, context_length=context)
-  return stage, {"image": _struct((batch, side, side, 3), np.float32),
-                 "image_embedding": _struct((batch, clip.embed_dim),
-                                            np.float32),
-                 "tokens": _struct((batch, context), np.int32)}
+  """The stage with its model built from configs alone (no data is read)."""
+  stage = stages.get_stage(config.stage)(config, workdir="unused")
+  clip_sizes = None
+  if stage.reads_clip:
+    if clip_config is None:
+      raise ConfigError(f"the {config.stage} needs its CLIP's sizes: pass "
+                        "--clip_config configs/clip.py:<preset>")
+    clip_sizes = ClipSizes.from_config(clip_config)
+  stage.build(clip_sizes)
+  return stage
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -130,23 +91,13 @@ def compile_for_topology(config: ml_collections.ConfigDict,
     config.mesh.dcn_shape = (topology.num_slices, 1, 1)  # DCN carries data
   config_checks.check_common(config, num_devices=len(devices),
                              num_processes=1)
-  stage, local_batch = stage_for_compile(config, clip_config)
+  stage = stage_for_compile(config, clip_config)
   try:
     mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   rules = partitioning.rules_from_config(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  rng = jax.random.key(0)
-  params = jax.eval_shape(stage.init_params, rng)
-  coverage.check_coverage(params, mesh, rules, config.mesh.get(
-      "max_replicated_fraction", coverage.MAX_REPLICATED_FRACTION))
-  abstract_state, shardings = state.abstract_state(stage.init_params, tx, mesh,
-                                                   rules, rng)
-  batch, batch_shardings = partitioning.abstract_global_batch(
-      local_batch, mesh, rules, num_processes=1)
-  abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype,
-                                      sharding=partitioning.replicated(mesh))
+  params = jax.eval_shape(stage.init_params, jax.random.key(0))
   began = time.perf_counter()
   report = {"stage": config.stage, "topology": topology.name,
             "chips": len(devices), "chip": topology.kind,
@@ -156,19 +107,18 @@ def compile_for_topology(config: ml_collections.ConfigDict,
             "grad_accum_steps": config.optim.get("grad_accum_steps", 1),
             **coverage.summary(params, mesh, rules)}
   try:
-    compiled, flops = step_lib.compile_train_step(
-        stage.loss, tx, config, mesh, rules, shardings, batch_shardings,
-        abstract_state, batch, abstract_rng)
+    run = setup_lib.setup(config, stage, mesh)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # XLA:TPU refuses programs that cannot fit: that is the answer too.
     report.update(fits=False, error=" ".join(str(e).split())[:300])
     return report
-  per_chip = flops / len(devices)
+  per_chip = run.flops_per_step / len(devices)
   report.update(
       compile_seconds=round(time.perf_counter() - began, 1),
-      memory=_memory(compiled), flops_total=flops, flops_per_chip=per_chip,
+      memory=_memory(run.step), flops_total=run.flops_per_step,
+      flops_per_chip=per_chip,
       seconds_at_peak=per_chip / topology.chip.peak_flops)
   report["fits"] = report["memory"]["total"] <= hbm_bytes
   return report
@@ -232,7 +182,7 @@ def main(argv):
                       "16,8,1") from None
   topology = topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
   clip_config = _CLIP_CONFIG.value
-  if clip_config is None and config.stage in ("prior", "decoder"):
+  if clip_config is None and stages.get_stage(config.stage).reads_clip:
     clip_config = _default_clip_config()
   hbm = _HBM_GIB.value * 2**30 if _HBM_GIB.value else None
   report = compile_for_topology(config, topology, clip_config, hbm)

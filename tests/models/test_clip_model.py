@@ -168,10 +168,10 @@ def test_text_tower_is_causal(model_and_params, encode_text_fn):
 
 def test_sharded_matches_unsharded(sharded, apply_fn):
   params, outputs = sharded
-  qkv = params["params"]["vision"]["transformer"]["blocks"]["attention"]
-  assert qkv["query"]["kernel"].value.sharding.spec == PartitionSpec(
-      None, "fsdp", "tensor", None)
-  assert len(qkv["query"]["kernel"].value.sharding.device_set) == 8
+  attention = params["params"]["vision"]["transformer"]["blocks"]["attention"]
+  qkv = attention["qkv_kernel"].value  # [layers, embed, 3, heads, kv]
+  assert qkv.sharding.spec == PartitionSpec(None, "fsdp", None, "tensor", None)
+  assert len(qkv.sharding.device_set) == 8
   local = jax.device_put(jax.device_get(nn.unbox(params)), jax.devices()[0])
   for a, b in zip(outputs, apply_fn(local, *_inputs())):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -108,8 +108,13 @@ def test_every_param_is_logically_partitioned(decoder):
     for leaf in leaves:
       assert len(leaf.names) == leaf.value.ndim
       assert set(leaf.names) <= known, leaf.names
-  scanned = abstract["params"]["caption_encoder"]["blocks"]["qkv_kernel"]
+  caption_blocks = abstract["params"]["caption_encoder"]["transformer"]["blocks"]
+  scanned = caption_blocks["attention"]["qkv_kernel"]
   assert scanned.names == (axes.LAYERS, axes.EMBED, None, axes.HEADS, axes.KV)
+  attention = abstract["params"]["down_0_attn_0"]
+  assert attention["context_kv_kernel"].names == (axes.EMBED, None, axes.HEADS,
+                                                  axes.KV)
+  assert attention["out_kernel"].names == (axes.HEADS, axes.KV, axes.EMBED)
 
 
 def test_decoder_output_and_guidance_drops(decoder):
@@ -202,7 +207,7 @@ def test_paper_parameter_counts():
   params, decoder = _param_count(PAPER_DECODER, 64, text=True, image_dim=1024)
   text = sum(leaf.size for leaf in jax.tree.leaves(params["caption_encoder"]))
   text_blocks = sum(leaf.size for leaf in jax.tree.leaves(
-      params["caption_encoder"]["blocks"]))
+      params["caption_encoder"]["transformer"]["blocks"]))
   _, up_256 = _param_count(PAPER_UPSAMPLER_256, 64, low_res_side=16)
   _, up_1024 = _param_count(PAPER_UPSAMPLER_1024, 64, low_res_side=16)
   print(f"decoder {decoder / 1e9:.3f}B (text {text / 1e9:.3f}B, visual "

@@ -9,7 +9,7 @@ import pytest
 from configs import prior as prior_config
 from unclip_jax.parallel import partitioning
 from unclip_jax.parallel.mesh import make_mesh
-from unclip_jax.stages.prior_model import build_prior_model
+from unclip_jax.generators.prior import build_prior_model
 from unclip_jax.train import optim, state
 from unclip_jax.train.step import jit_train_step, split_microbatches
 

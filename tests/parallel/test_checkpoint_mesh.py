@@ -8,8 +8,9 @@ import pytest
 from configs import clip, prior
 from unclip_jax.compile import stage_for_compile
 from unclip_jax.parallel import partitioning
+from unclip_jax.checkpoints import manager as checkpoint
 from unclip_jax.parallel.mesh import make_mesh
-from unclip_jax.train import checkpoint, optim, state
+from unclip_jax.train import optim, state
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def saved(tmp_path_factory):
   config = prior.get_config("tiny")
   config.model.num_heads = 4
   config.async_checkpointing = False
-  stage, _ = stage_for_compile(config, clip.get_config("tiny"))
+  stage = stage_for_compile(config, clip.get_config("tiny"))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   rules = partitioning.rules_from_config(config.mesh.rules)
   draw = np.random.default_rng(0)

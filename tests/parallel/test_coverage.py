@@ -11,7 +11,8 @@ from unclip_jax.errors import ConfigError
 from unclip_jax.parallel import coverage, partitioning
 from unclip_jax.parallel.axes import DEFAULT_RULES
 from unclip_jax.parallel.mesh import make_mesh
-from unclip_jax.train import loop
+from unclip_jax.train import setup as setup_lib
+from unclip_jax.train import step as step_lib
 
 PAPER = {"clip": (clip, "paper"), "prior": (prior, "paper"),
          "decoder": (decoder, "paper"), "upsampler_256": (upsampler, "paper"),
@@ -24,7 +25,7 @@ def paper_params():
   found = {}
   for name, (module, preset) in PAPER.items():
     config = module.get_config(preset)
-    stage, _ = stage_for_compile(config, clip.get_config("paper"))
+    stage = stage_for_compile(config, clip.get_config("paper"))
     found[name] = (jax.eval_shape(stage.init_params, jax.random.key(0)),
                    partitioning.rules_from_config(config.mesh.rules))
   return found
@@ -87,13 +88,18 @@ def test_a_rule_set_that_replicates_the_model_is_refused_in_one_line(
   assert "add the rule ('embed', 'fsdp') to mesh.rules" in message
 
 
-def test_the_loop_runs_the_check_at_start_up():
+def test_setup_runs_the_check_before_compiling(monkeypatch):
+  """The loop, compile and bench all set up through train.setup: it refuses a
+  replicating rule set before anything is compiled."""
   config = prior.get_config("tiny")
   config.mesh.rules = (("embed", None),)
-  stage, _ = stage_for_compile(config, clip.get_config("tiny"))
+  stage = stage_for_compile(config, clip.get_config("tiny"))
+
+  def never(*args, **kwargs):
+    raise AssertionError("compiled before the coverage check")
+  monkeypatch.setattr(step_lib, "compile_train_step", never)
   with pytest.raises(ConfigError, match="replicated"):
-    loop.check_sharding(stage.init_params, make_mesh((2, 4, 1)),
-                        config.mesh.rules, config, jax.random.key(0))
+    setup_lib.setup(config, stage, make_mesh((2, 4, 1)))
   # Without fsdp nothing is refused: data parallelism replicates on purpose.
-  loop.check_sharding(stage.init_params, make_mesh((8, 1, 1)),
-                      config.mesh.rules, config, jax.random.key(0))
+  params = jax.eval_shape(stage.init_params, jax.random.key(0))
+  setup_lib.check_sharding(params, make_mesh((8, 1, 1)), config.mesh.rules, config)

@@ -40,7 +40,8 @@ def _loss_and_grads(name: str, dtype: str, params=None):
   config = CONFIGS[name].get_config("tiny")
   config.dtype = dtype
   clip_config = clip.get_config("tiny")
-  stage, structs = stage_for_compile(config, clip_config)
+  stage = stage_for_compile(config, clip_config)
+  structs = stage.abstract_batch()
   if params is None:  # numpy-drawn: nonzero everywhere, no init to compile
     abstract = nn.unbox(jax.eval_shape(stage.init_params, jax.random.key(0)))
     draw = np.random.default_rng(1)

@@ -20,7 +20,8 @@ def _grad_fn(remat):
                                      type_safe=False)
   config.model.remat = remat
   clip_config = clip.get_config("tiny")
-  stage, structs = stage_for_compile(config, clip_config)
+  stage = stage_for_compile(config, clip_config)
+  structs = stage.abstract_batch()
   batch = random_batch(structs, clip_config.tokenizer.vocab_size)
   return stage, batch, jax.value_and_grad(stage.loss, has_aux=True)
 

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax.stages import frozen
-from unclip_jax.train.checkpoint import checkpoint_dir
+from unclip_jax.checkpoints.manager import checkpoint_dir
+from unclip_jax.checkpoints.workdir import StageWorkdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 4
@@ -157,8 +157,8 @@ def test_every_process_saves_its_shards_and_one_process_restores_them(clip_run):
   # One process restores whole params onto its own 8 devices, at each step.
   workdir, stopped = clip_run["workdir"], clip_run["stopped"]
   assert _saved_steps(workdir) == [stopped, stopped + 2]
-  restored = [frozen.load_trained(workdir, "clip", step)[1]
-              for step in (stopped, stopped + 2)]
+  with StageWorkdir(workdir, "clip") as reader:
+    restored = [reader.restore_ema_params(step) for step in (stopped, stopped + 2)]
   for params in restored:
     assert jax.device_count() == 8
     for leaf in jax.tree.leaves(params):

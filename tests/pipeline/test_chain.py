@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from unclip_jax.errors import UserError
-from unclip_jax.pipeline import batching, options
+from unclip_jax.parallel.local import put_local_rows
+from unclip_jax.pipeline import options
 
 PROMPT = "red apple on a blue background in the top left"
 
@@ -107,9 +108,10 @@ def test_empty_prompts_take_the_priors_unconditional_branch(pipe):
   mask = pipe.clip.text_mask(tokens)
 
   def sample(encodings, drop):
-    inputs = batching.shard_rows((z_t, encodings, mask, np.full(8, drop)))
-    return np.asarray(prior.prior.sample(
-        prior.params, *inputs[:3], jax.random.key(0), drop_text=inputs[3],
-        **options.prior_options(prior.config)))
+    conditioning = {"text_embedding": z_t, "text_encodings": encodings,
+                    "text_mask": mask, "drop_text": np.full(8, drop)}
+    return np.asarray(prior.generator.sample(
+        prior.params, {k: put_local_rows(v) for k, v in conditioning.items()},
+        jax.random.key(0), **options.prior_options(prior.config)))
   np.testing.assert_allclose(sample(encodings, True), sample(other, True), atol=1e-6)
   assert not np.allclose(sample(encodings, False), sample(other, False), atol=1e-4)

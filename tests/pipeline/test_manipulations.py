@@ -5,7 +5,7 @@ import pytest
 
 from unclip_jax.errors import UserError
 from unclip_jax.pipeline import slerp
-from unclip_jax.stages.decoder import resize_image
+from unclip_jax.data.images import resize_image
 
 # Inversion is exact only to the ODE's discretisation: the tiny decoder's 2
 # sampling steps jump from x_0 to pure noise at once. Every inversion here uses

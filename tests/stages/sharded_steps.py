@@ -7,20 +7,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from unclip_jax.parallel import distributed, partitioning
+from unclip_jax.parallel import distributed
 from unclip_jax.parallel.mesh import make_mesh
 from unclip_jax.train import optim, state
-from unclip_jax.train.step import jit_train_step
+from unclip_jax.train.setup import setup
 
 MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-
-
-def _setup(stage, mesh_shape, devices):
-  config = stage.config
-  mesh = make_mesh(mesh_shape, devices=devices)
-  rules = partitioning.rules_from_config(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  return mesh, rules, tx
 
 
 def initial_state(stage):
@@ -29,7 +21,8 @@ def initial_state(stage):
   Each mesh gets this state placed by the params' logical axes; drawing with
   numpy avoids compiling the (slow on CPU) threefry init at all.
   """
-  _, _, tx = _setup(stage, (1, 1, 1), jax.devices()[:1])
+  config = stage.config
+  tx = optim.make_optimizer(config.optim, config.total_steps)
   abstract = nn.unbox(jax.eval_shape(stage.init_params, jax.random.key(0)))
   rng = np.random.default_rng(1)
   params = jax.tree.map(
@@ -51,21 +44,13 @@ def two_steps(stage, batch, mesh_shape, initial, devices=None):
 
   The global batch is assembled from each process's rows, as the loop does; with
   several processes every one must call this (the results are gathered)."""
-  mesh, rules, tx = _setup(stage, mesh_shape, devices)
-  _, shardings = state.abstract_state(stage.init_params, tx, mesh, rules,
-                                      jax.random.key(0))
-  train_state = jax.device_put(initial, shardings)
-  batch_shardings = partitioning.shard_batch_tree(batch, mesh, rules)
-  global_batch = jax.tree.map(jax.make_array_from_process_local_data,
-                              batch_shardings, _process_rows(batch, mesh))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jit_train_step(stage.loss, tx, stage.config.optim.ema_decay,
-                          shardings, batch_shardings,
-                          partitioning.replicated(mesh))
-    all_metrics = []
-    for _ in range(2):
-      train_state, metrics = step(train_state, global_batch, jax.random.key(1))
-      all_metrics.append(metrics)
+  run = setup(stage.config, stage, make_mesh(mesh_shape, devices=devices))
+  train_state = jax.device_put(initial, run.state_shardings)
+  global_batch = run.global_batch(_process_rows(batch, run.mesh))
+  all_metrics = []
+  for _ in range(2):
+    train_state, metrics = run.step(train_state, global_batch, jax.random.key(1))
+    all_metrics.append(metrics)
   return distributed.to_host((train_state, all_metrics)), train_state
 
 

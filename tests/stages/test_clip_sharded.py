@@ -4,14 +4,14 @@ import pytest
 
 from configs import clip as clip_config
 from tests.stages import sharded_steps
-from unclip_jax.stages.clip import ClipStage, build_clip
+from unclip_jax.stages.clip import ClipStage
 
 
 def make_stage():
   config = clip_config.get_config("tiny")
   config.model.vision_heads = config.model.text_heads = 4  # 'tensor' shards 2
   stage = ClipStage(config, workdir="unused")
-  stage.model = build_clip(config)
+  stage.build(None)
   return stage
 
 

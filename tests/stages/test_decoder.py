@@ -13,10 +13,12 @@ from PIL import Image
 from configs import clip as clip_config
 from configs import decoder as decoder_config
 from unclip_jax.errors import ConfigError, WorkdirError
-from unclip_jax.stages import decoder as decoder_lib
-from unclip_jax.stages import decoder_model
+from unclip_jax import generators
+from unclip_jax.data.images import resize_image
+from unclip_jax.generators import decoder as decoder_lib
+from unclip_jax.generators.base import ClipSizes
+from unclip_jax.generators.clip import FrozenClip
 from unclip_jax.stages.decoder import DecoderStage, PairedSource
-from unclip_jax.stages.frozen import FrozenClip
 from unclip_jax.train import loop
 from unclip_jax.train.metrics import read_metrics
 
@@ -102,7 +104,7 @@ def test_images_and_embeddings_are_paired_by_index(stage):
   everything = source.cache.arrays(fields=["image_embedding"])["image_embedding"]
   for row in range(len(batch["image"])):
     index, = np.flatnonzero(np.all(everything == batch["image_embedding"][row], 1))
-    expected = decoder_lib.resize_image(source.images[int(index)]["image"], side)
+    expected = resize_image(source.images[int(index)]["image"], side)
     np.testing.assert_allclose(batch["image"][row], expected / 127.5 - 1, atol=1e-6)
 
 
@@ -131,7 +133,7 @@ def test_misaligned_pairs_are_refused(stage):
 
 
 def test_guidance_drops_at_the_configured_rates():
-  draws = jax.device_get(decoder_model.training_draws(
+  draws = jax.device_get(decoder_lib.training_draws(
       jax.random.key(0), 100_000, (1,), num_timesteps=1000,
       image_embedding_drop_prob=0.1, text_drop_prob=0.5))
   image, text = draws["drop_image_embedding"], draws["drop_text"]
@@ -141,7 +143,7 @@ def test_guidance_drops_at_the_configured_rates():
   assert draws["t"].min() == 0 and draws["t"].max() == 999
   assert abs(draws["t"].mean() - 499.5) < 5
   # Held-out losses drop nothing.
-  none = jax.device_get(decoder_model.training_draws(
+  none = jax.device_get(decoder_lib.training_draws(
       jax.random.key(0), 1000, (1,), num_timesteps=1000,
       image_embedding_drop_prob=0.0, text_drop_prob=0.0))
   assert not none["drop_image_embedding"].any() and not none["drop_text"].any()
@@ -149,7 +151,7 @@ def test_guidance_drops_at_the_configured_rates():
 
 def test_coordinate_channels_give_each_pixel_its_row_and_column():
   images = jnp.zeros((2, 4, 6, 3))
-  with_xy = np.asarray(decoder_model.with_coordinates(images))
+  with_xy = np.asarray(decoder_lib.with_coordinates(images))
   assert with_xy.shape == (2, 4, 6, 5)
   np.testing.assert_allclose(with_xy[1, :, 0, 3], [-1, -1 / 3, 1 / 3, 1], atol=1e-6)
   np.testing.assert_allclose(with_xy[0, 2, :, 4], np.linspace(-1, 1, 6), atol=1e-6)
@@ -169,13 +171,13 @@ def test_scene_accuracy_of_the_true_images_is_perfect(stage):
 
 def test_load_decoder_samples_from_the_workdir(decoder_run, stage):
   config, workdir, _ = decoder_run
-  loaded_config, decoder, params, step, fingerprint = decoder_lib.load_decoder(workdir)
-  assert step == config.total_steps and loaded_config.stage == "decoder"
-  assert fingerprint == FrozenClip(config.clip_workdir).fingerprint
+  trained = generators.load(workdir, "decoder")
+  decoder, params = trained.generator, trained.params
+  assert trained.step == config.total_steps and trained.config.stage == "decoder"
+  assert trained.clip_fingerprint == FrozenClip(config.clip_workdir).fingerprint
   examples = stage.held_out(range(4))
   side = config.data.resolution
-  with_caption = decoder.sample(params, examples["image_embedding"],
-                                examples["tokens"], jax.random.key(0), num_steps=2)
+  with_caption = decoder.sample(params, examples, jax.random.key(0), num_steps=2)
   assert with_caption.shape == (4, side, side, 3)
   assert np.isfinite(np.asarray(with_caption)).all()
 
@@ -210,7 +212,7 @@ def test_emoji_the_clip_never_saw_are_refused(tfds_dir, clip_workdir):
 @pytest.mark.parametrize("overrides, message", [
     ({"model.attention_resolutions": (5,)}, "model.attention_resolutions"),
     ({"model.norm_groups": 3}, "model.norm_groups"),
-    ({"model.parameterization": "mu"}, "model.parameterization"),
+    ({"diffusion.parameterization": "mu"}, "diffusion.parameterization"),
     ({"model.text_drop_prob": 1.0}, "model.text_drop_prob"),
     ({"sample.num_steps": 0}, "sample.num_steps"),
 ])
@@ -232,10 +234,8 @@ def test_presets_are_valid(preset):
 def test_paper_preset_has_3_5b_parameters():
   config = decoder_config.get_config("paper")
   paper_clip = clip_config.get_config("paper")
-  decoder = decoder_lib.Decoder(
-      config, image_embedding_dim=paper_clip.model.embed_dim,
-      vocab_size=paper_clip.tokenizer.vocab_size,
-      context_length=paper_clip.tokenizer.context_length)
+  decoder = decoder_lib.Decoder.from_config(config,
+                                            ClipSizes.from_config(paper_clip))
   abstract = nn.unbox(jax.eval_shape(decoder.init_params, jax.random.key(0)))
   count = sum(leaf.size for leaf in jax.tree.leaves(abstract))
   assert abs(count - 3.5e9) / 3.5e9 < 0.10, count

@@ -6,7 +6,8 @@ import pytest
 
 from configs import decoder as decoder_config
 from tests.stages import sharded_steps
-from unclip_jax.stages.decoder import Decoder, DecoderStage
+from unclip_jax.generators.base import ClipSizes
+from unclip_jax.stages.decoder import DecoderStage
 
 # The tiny CLIP's sizes (configs/clip.py:tiny): z_i width, vocabulary, context.
 EMBED_DIM, VOCAB_SIZE, CONTEXT = 32, 256, 24
@@ -15,8 +16,8 @@ EMBED_DIM, VOCAB_SIZE, CONTEXT = 32, 256, 24
 def _stage():
   config = decoder_config.get_config("tiny")
   stage = DecoderStage(config, workdir="unused")
-  stage.decoder = Decoder(config, image_embedding_dim=EMBED_DIM,
-                          vocab_size=VOCAB_SIZE, context_length=CONTEXT)
+  stage.build(ClipSizes(embed_dim=EMBED_DIM, text_width=32, vocab_size=VOCAB_SIZE,
+                        context_length=CONTEXT, resolution=16))
   return stage
 
 
@@ -49,5 +50,6 @@ def test_sharded_step_matches_one_device(reference, mesh_shape):
     params = live.params
     for leaf in (params["down_0_attn_0"]["qkv_kernel"],
                  params["down_0_res_0"]["in_conv"]["kernel"],
-                 params["caption_encoder"]["blocks"]["qkv_kernel"]):
+                 params["caption_encoder"]["transformer"]["blocks"]["attention"]
+                 ["qkv_kernel"]):
       assert sharded_steps.split_on(leaf, "tensor")

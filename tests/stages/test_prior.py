@@ -12,8 +12,9 @@ from configs import prior as prior_config
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError, WorkdirError
 from unclip_jax.stages import embedding_cache
-from unclip_jax.stages.frozen import FrozenClip
-from unclip_jax.stages.prior import PriorStage, load_prior
+from unclip_jax import generators
+from unclip_jax.generators.clip import FrozenClip
+from unclip_jax.stages.prior import PriorStage
 from unclip_jax.train import loop
 from unclip_jax.train.metrics import read_metrics
 
@@ -68,16 +69,15 @@ def test_end_to_end_writes_prior_metrics(prior_run):
 
 def test_load_prior_samples_like_the_stage(prior_run):
   config, workdir, _ = prior_run
-  loaded_config, prior, params, step, clip_fingerprint = load_prior(workdir)
-  assert step == config.total_steps and loaded_config.stage == "prior"
-  assert clip_fingerprint == FrozenClip(config.clip_workdir).fingerprint
+  trained = generators.load(workdir, "prior")
+  prior, params = trained.generator, trained.params
+  assert trained.step == config.total_steps and trained.config.stage == "prior"
+  assert trained.clip_fingerprint == FrozenClip(config.clip_workdir).fingerprint
   cache = embedding_cache.EmbeddingCache(
       embedding_cache.cache_dir(workdir, "test"), "test")
   examples = cache.arrays(range(4))
-  sampled = prior.sample(params, examples["text_embedding"],
-                         examples["text_encodings"], examples["text_mask"],
-                         jax.random.key(0), num_steps=3, guidance_scale=2.0,
-                         num_candidates=2)
+  sampled = prior.sample(params, examples, jax.random.key(0), num_steps=3,
+                         guidance_scale=2.0, num_candidates=2)
   assert sampled.shape == examples["image_embedding"].shape
   assert np.isfinite(np.asarray(sampled)).all()
 

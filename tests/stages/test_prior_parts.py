@@ -9,10 +9,10 @@ import pytest
 from configs import clip as clip_config
 from configs import prior as prior_config
 from unclip_jax.errors import ConfigError
+from unclip_jax.generators.base import ClipSizes
+from unclip_jax.generators.prior import (Prior, make_scaler, select_best_candidate,
+                                         text_drop_mask)
 from unclip_jax.stages.prior import sample_metrics
-from unclip_jax.stages.prior_model import (DiffusionPrior, build_prior_model,
-                                           make_scaler, select_best_candidate,
-                                           text_drop_mask)
 
 
 def test_text_drop_mask_rate():
@@ -60,9 +60,9 @@ def test_sample_metrics():
 def test_sample_is_one_compiled_call():
   config = prior_config.get_config("tiny")
   config.model.text_context = 4  # reads the first 4 of CLIP's 6 token encodings
-  prior = DiffusionPrior.from_config(config, embed_dim=8, text_width=12,
-                                     context_length=6,
-                                     stats=(np.zeros(8), np.full(8, 0.3)))
+  prior = Prior.from_config(config, ClipSizes(
+      embed_dim=8, text_width=12, context_length=6, vocab_size=64, resolution=16,
+      image_embedding_mean=(0.0,) * 8, image_embedding_std=(0.3,) * 8))
   assert prior.model.context_length == 4
   params = jax.jit(lambda r: nn.unbox(prior.init_params(r)))(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -70,29 +70,27 @@ def test_sample_is_one_compiled_call():
   encodings = rng.normal(size=(3, 6, 12)).astype(np.float32)
   mask = np.arange(6)[None] < np.array([[2], [6], [1]])
   kwargs = dict(num_steps=5, guidance_scale=3.0, num_candidates=2)
-  first = prior.sample(params, text_embedding, encodings, mask, jax.random.key(1),
-                       **kwargs)
-  again = prior.sample(params, text_embedding, encodings, mask, jax.random.key(1),
-                       **kwargs)
-  other = prior.sample(params, text_embedding, encodings, mask, jax.random.key(2),
-                       **kwargs)
+  conditioning = {"text_embedding": text_embedding, "text_encodings": encodings,
+                  "text_mask": mask}
+  first = prior.sample(params, conditioning, jax.random.key(1), **kwargs)
+  again = prior.sample(params, conditioning, jax.random.key(1), **kwargs)
+  other = prior.sample(params, conditioning, jax.random.key(2), **kwargs)
   assert first.shape == (3, 8) and np.isfinite(np.asarray(first)).all()
   np.testing.assert_array_equal(first, again)
   assert not np.allclose(first, other)
-  assert prior.sample._cache_size() == 1  # every step, candidate and guidance inside
+  # pylint: disable=protected-access
+  assert prior._sampler._cache_size() == 1  # every step, candidate, guidance inside
   # The 5 DDIM steps are one loop in the program, not 5 unrolled model calls.
-  lowered = prior.sample.lower(params, text_embedding, encodings, mask,
-                               jax.random.key(1), **kwargs).as_text()
+  lowered = prior._sampler.lower(params, text_embedding, encodings, mask,
+                                 jax.random.key(1), drop_text=None, x_T=None,
+                                 eta=0.0, **kwargs).as_text()
   assert "while" in lowered
 
 
 def test_paper_preset_is_about_one_billion_parameters():
   config = prior_config.get_config("paper")
   clip = clip_config.get_config("paper")
-  model = build_prior_model(config, embed_dim=clip.model.embed_dim,
-                            text_width=clip.model.text_width,
-                            context_length=clip.tokenizer.context_length)
-  prior = DiffusionPrior(model, make_scaler("17.2", clip.model.embed_dim))
+  prior = Prior.from_config(config, ClipSizes.from_config(clip))
   abstract = jax.eval_shape(prior.init_params, jax.random.key(0))
   count = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)))
   assert 0.9e9 < count < 1.4e9, count

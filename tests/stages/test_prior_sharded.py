@@ -4,8 +4,8 @@ import pytest
 
 from configs import prior as prior_config
 from tests.stages import sharded_steps
+from unclip_jax.generators.base import ClipSizes
 from unclip_jax.stages.prior import PriorStage
-from unclip_jax.stages.prior_model import DiffusionPrior
 
 EMBED_DIM, TEXT_WIDTH, CONTEXT = 16, 12, 8
 
@@ -17,9 +17,10 @@ def _stage():
   stage = PriorStage(config, workdir="unused")
   rng = np.random.default_rng(1)
   stats = (rng.normal(size=EMBED_DIM) * 0.1, rng.uniform(0.05, 0.2, EMBED_DIM))
-  stage.prior = DiffusionPrior.from_config(
-      config, embed_dim=EMBED_DIM, text_width=TEXT_WIDTH, context_length=CONTEXT,
-      stats=stats)
+  stage.build(ClipSizes(embed_dim=EMBED_DIM, text_width=TEXT_WIDTH,
+                        context_length=CONTEXT, vocab_size=64, resolution=16,
+                        image_embedding_mean=tuple(stats[0]),
+                        image_embedding_std=tuple(stats[1])))
   return stage
 
 

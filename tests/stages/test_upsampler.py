@@ -11,7 +11,9 @@ from PIL import Image
 
 from configs import upsampler as upsampler_config
 from unclip_jax.errors import ConfigError
-from unclip_jax.stages import upsampler as upsampler_lib
+from unclip_jax import generators
+from unclip_jax.generators import upsampler as upsampler_lib
+from unclip_jax.stages.upsampler import UpsamplerStage
 from unclip_jax.train import loop
 from unclip_jax.train.metrics import read_metrics
 
@@ -50,11 +52,12 @@ def test_end_to_end_writes_metrics_and_samples(trained):
 
 def test_trained_model_upsamples_at_full_resolution(trained):
   config, workdir, _ = trained
-  loaded_config, upsampler, params, step = upsampler_lib.load_upsampler(workdir)
-  assert step == config.total_steps
-  crop = upsampler_lib.crop_size(loaded_config)
+  trained = generators.load(workdir, "upsampler")
+  assert trained.step == config.total_steps
+  crop = upsampler_lib.crop_size(trained.config)
   low_res = jnp.zeros((2, config.model.low_res, config.model.low_res, 3))
-  out = upsampler.upsample(params, low_res, jax.random.key(0), num_steps=2)
+  out = trained.generator.sample(trained.params, {"low_res": low_res},
+                                 jax.random.key(0), num_steps=2)
   assert crop < config.data.resolution  # trained on crops...
   assert out.shape == (2, config.data.resolution, config.data.resolution, 3)
   assert np.isfinite(np.asarray(out)).all()  # ...sampled at full size
@@ -68,7 +71,8 @@ def test_multilevel_unet_samples_beyond_its_crop_size():
   low_res = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 12, 12, 3)),
                         jnp.float32)
   # 24 px out: larger than the 8 px training crops and the 16 px data side.
-  out = upsampler.upsample(params, low_res, jax.random.key(0), num_steps=2)
+  out = upsampler.sample(params, {"low_res": low_res}, jax.random.key(0),
+                         num_steps=2)
   assert out.shape == (2, 24, 24, 3)
   assert np.isfinite(np.asarray(out)).all()
 
@@ -131,7 +135,7 @@ def test_bad_configs_fail_with_one_line(overrides, message):
     section, field = dotted.split(".")
     c[section][field] = value
   with pytest.raises(ConfigError, match=message) as error:
-    upsampler_lib.UpsamplerStage(c, "unused").validate()
+    UpsamplerStage(c, "unused").validate()
   assert "\n" not in str(error.value)
 
 

@@ -5,13 +5,13 @@ import pytest
 
 from configs import upsampler as upsampler_config
 from tests.stages import sharded_steps
-from unclip_jax.stages.upsampler import Upsampler, UpsamplerStage
+from unclip_jax.stages.upsampler import UpsamplerStage
 
 
 def _stage():
   config = upsampler_config.get_config("tiny")
   stage = UpsamplerStage(config, workdir="unused")
-  stage.upsampler = Upsampler(config)
+  stage.build(None)
   return stage
 
 

@@ -47,7 +47,7 @@ def test_command_line_overrides_any_leaf(monkeypatch):
 @pytest.mark.parametrize("field,value,message", [
     ("total_steps", 0, "total_steps=0 must be > 0"),
     ("batch_size", 12, "does not divide over 8 data-parallel shards"),
-    ("dtype", "float16", "use 'float32' or 'bfloat16'"),
+    ("dtype", "float16", "use one of ['bfloat16', 'float32']"),
     ("mesh.shape", (3, 1, 1), "does not divide 8 devices"),
     ("mesh.shape", (-1, -1, 1), "at most one -1"),
     ("optim.ema_decay", 1.0, "must be in [0, 1)"),

@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import clip as clip_config
-from unclip_jax.train import checkpoint, loop
+from unclip_jax.checkpoints import manager as checkpoint
+from unclip_jax.train import loop
 
 
 class Killed(Exception):

@@ -40,6 +40,7 @@ from unclip_jax.diffusion.samplers import (
   match_batch,
 )
 from unclip_jax.diffusion.schedules import (
+  SCHEDULES,
   Schedule,
   cosine_betas,
   linear_betas,
@@ -52,6 +53,7 @@ from unclip_jax.diffusion.schedules import (
 __all__ = [
   "PARAMETERIZATIONS",
   "PMeanVariance",
+  "SCHEDULES",
   "Schedule",
   "coefficient",
   "cosine_betas",

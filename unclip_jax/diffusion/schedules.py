@@ -66,6 +66,7 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 
 
 _BETA_FUNCTIONS = {"cosine": cosine_betas, "linear": linear_betas}
+SCHEDULES = tuple(_BETA_FUNCTIONS)  # the names make_schedule takes
 
 
 def make_schedule(name: str, num_timesteps: int) -> Schedule:

@@ -1,6 +1,7 @@
-"""Pre-LayerNorm transformer blocks and a scanned stack of them.
+"""Pre-LayerNorm transformer blocks, a scanned stack of them, and LayerNorm.
 
-Shared by the CLIP towers (vit.py, text.py) and the diffusion prior (prior.py).
+Shared by the CLIP towers (vit.py, text.py), the diffusion prior (prior.py)
+and the UNet's caption encoder (unet_blocks.py); attention is attention.py's.
 Every parameter carries logical axis names (unclip_jax.parallel.axes); the
 stack runs its blocks under `nn.scan` so that compile time does not grow with
 depth, with the block parameters stacked on a leading LAYERS axis.
@@ -11,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import attention
 from unclip_jax.models import remat as remat_lib
 from unclip_jax.models.precision import dot_general_f32_accumulate
-from unclip_jax.parallel.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS,
-                                      ACT_LENGTH, ACT_MLP, EMBED, HEADS, KV,
-                                      LAYERS, MLP, NORM)
+from unclip_jax.parallel.axes import (ACT_BATCH, ACT_EMBED, ACT_LENGTH,
+                                      ACT_MLP, EMBED, LAYERS, MLP, NORM)
 
 Dtype = Any
 
@@ -32,7 +33,8 @@ def constrain_tokens(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  """LayerNorm with named scale / bias (statistics are float32 in flax)."""
+  """The LayerNorm of every model: named scale / bias, output in `dtype`
+  (flax computes the statistics in float32)."""
   return nn.LayerNorm(
       epsilon=1e-5, dtype=dtype, name=name,
       scale_init=nn.with_logical_partitioning(ones, (NORM,)),
@@ -74,82 +76,30 @@ def make_attention_mask(key_padding_mask: jnp.ndarray | None = None,
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head self-attention; logits and softmax in float32."""
+  """Multi-head self-attention (attention.py); logits and softmax in float32.
+
+  Params: `qkv_kernel` [width, 3, heads, head_dim], `qkv_bias`, `out_kernel`
+  [heads, head_dim, width], `out_bias`.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
-    """x: [batch, length, width]; mask: bool [batch | 1, heads | 1, L, L]."""
+    """x: [batch, length, width]; mask: bool, broadcastable to
+    [batch, heads, length, length]."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads "
                        f"{self.num_heads}")
-    head_dim = width // self.num_heads
-    def project_in(name):
-      return _HeadProjection(self.num_heads, head_dim, dtype=self.dtype,
-                             name=name)
-    head_axes = (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
-    # Scale queries before the product: smaller numbers in low precision.
-    query = project_in(name="query")(x) * (head_dim ** -0.5)
-    key = project_in(name="key")(x)
-    value = project_in(name="value")(x)
-    query, key, value = (nn.with_logical_constraint(t, head_axes)
-                         for t in (query, key, value))
-
-    # [batch, heads, query, key], accumulated and normalised in float32 even
-    # when the model runs in bfloat16.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
-                          preferred_element_type=jnp.float32).astype(self.dtype)
-    attended = nn.with_logical_constraint(attended, head_axes)
-
-    return _HeadMerge(width, dtype=self.dtype, name="out")(attended)
-
-
-class _HeadProjection(nn.Module):
-  """[batch, length, embed] -> [batch, length, heads, head_dim].
-
-  Written out instead of nn.DenseGeneral: its init reshapes a flat boxed
-  kernel, which breaks under active logical-axis rules (flax 0.12).
-  """
-  num_heads: int
-  head_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(dense_init, (EMBED, HEADS, KV)),
-        (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(zeros, (HEADS, KV)),
-                      (self.num_heads, self.head_dim), jnp.float32)
-    y = jnp.einsum("ble,ehd->blhd", x.astype(self.dtype),
-                   kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    return (y + bias).astype(self.dtype)
-
-
-class _HeadMerge(nn.Module):
-  """[batch, length, heads, head_dim] -> [batch, length, embed]."""
-  features: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(dense_init, (HEADS, KV, EMBED)),
-        x.shape[-2:] + (self.features,), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(zeros, (EMBED,)),
-                      (self.features,), jnp.float32)
-    y = jnp.einsum("blhd,hde->ble", x.astype(self.dtype),
-                   kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    return (y + bias).astype(self.dtype)
+    query, key, value = attention.project_heads(
+        self, x, num_outputs=3, num_heads=self.num_heads,
+        head_dim=width // self.num_heads, dtype=self.dtype, name="qkv")
+    attended = nn.with_logical_constraint(
+        attention.dot_product_attention(query, key, value, mask),
+        attention.HEAD_AXES)
+    return attention.merge_heads(self, attended, features=width,
+                                 dtype=self.dtype, name="out")
 
 
 class MlpBlock(nn.Module):
@@ -239,9 +189,9 @@ class TransformerStack(nn.Module):
     Args:
       x: [batch, length, width].
       mask: None; a key padding mask [batch, length] (True = real token),
-        combined with `causal` by `make_attention_mask`; or a full bool
-        attention mask [batch | 1, heads | 1, length, length] (True = may
-        attend), used as given (`causal` is then ignored).
+        combined with `causal` by `make_attention_mask`; or a 4-D bool
+        attention mask broadcastable to [batch, heads, length, length]
+        (True = may attend), used as given (`causal` is then ignored).
       deterministic: disables dropout.
 
     Returns:
@@ -252,7 +202,7 @@ class TransformerStack(nn.Module):
     if mask is None or mask.ndim == 2:
       mask = make_attention_mask(mask, causal=self.causal, length=x.shape[1])
     elif mask.ndim != 4:
-      raise ValueError(f"mask must be [B, L] or [B, 1|H, L, L], got "
+      raise ValueError(f"mask must be [B, L] or 4-D [B|1, H|1, L|1, L], got "
                        f"{mask.shape}")
     x = constrain_tokens(x.astype(self.dtype))
     block_kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,

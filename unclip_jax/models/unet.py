@@ -106,7 +106,9 @@ class UNet(nn.Module):
         bias = param(self, "image_tokens_bias", nn.initializers.zeros,
                      (self.num_image_tokens, width), (None, MLP))
         image_tokens = (jnp.einsum("bd,dtw->btw", image_embedding,
-                                   kernel.astype(self.dtype)) + bias.astype(self.dtype))
+                                   kernel.astype(self.dtype),
+                                   preferred_element_type=jnp.float32)
+                        + bias).astype(self.dtype)
         context.append(image_tokens)
         context_mask.append(jnp.ones((batch, self.num_image_tokens), bool))
     elif image_embedding is not None:

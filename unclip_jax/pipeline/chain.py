@@ -1,9 +1,9 @@
 """`UnCLIPPipeline`: prompts -> CLIP text embedding -> prior -> decoder ->
 upsamplers, from trained workdirs (DALL-E 2 §2).
 
-Each stage's sampler is one compiled function, run over fixed-size chunks of rows
-split across the local devices (batching.py), so it compiles once per chunk shape
-and sampling options. Randomness comes from `seed` only: the same seed, requests
+Each stage's sampler is its generator's one compiled function, run over fixed-size
+chunks of rows split across the local devices (`parallel.local.map_batches`), so
+it compiles once per chunk shape and sampling options. Randomness comes from `seed` only: the same seed, requests
 and devices give the same images.
 """
 from typing import Any, Sequence
@@ -12,14 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.data import images as images_lib
 from unclip_jax.errors import UserError
+from unclip_jax.generators.base import (IMAGE_EMBEDDING, LOW_RES, TEXT_EMBEDDING,
+                                        TEXT_ENCODINGS, TEXT_MASK, TOKENS)
+from unclip_jax.generators.prior import DROP_TEXT
 from unclip_jax.models.clip import l2_normalize_host
-from unclip_jax.pipeline import batching, images as images_lib, loading, options
+from unclip_jax.parallel.local import chunk_size, map_batches
+from unclip_jax.pipeline import loading, options
 from unclip_jax.pipeline.manipulations import Manipulations
 from unclip_jax.pipeline.prompts import check_prompts, encode_prompts
 from unclip_jax.pipeline.results import Samples
-from unclip_jax.sample.grid import to_uint8
-from unclip_jax.stages import diffusion_common
 
 
 _NOISE_BLOCK = 64  # rows of x_T drawn per compiled call, whatever is asked for
@@ -46,15 +49,6 @@ class UnCLIPPipeline(Manipulations):
     self.stages = stages
     self.clip = stages.clip
     self.max_batch = options.count("max_batch", max_batch)
-    decoder = stages.decoder.decoder
-    # Our own compiled decoder sampler (Decoder.sample draws x_T itself): frames of
-    # a strip share x_T, slerp it, or start from an inverted one.
-    kwargs = dict(parameterization=decoder.parameterization,
-                  learned_variance=decoder.learned_variance)
-    self._decoder_sample = diffusion_common.make_ddim_sampler(
-        decoder.apply, decoder.schedule, **kwargs)
-    self._decoder_invert = diffusion_common.make_ddim_inverter(
-        decoder.apply, decoder.schedule, **kwargs)
 
   @classmethod
   def from_workdirs(cls, clip: str, prior: str | None = None,
@@ -72,7 +66,7 @@ class UnCLIPPipeline(Manipulations):
 
   @property
   def base_resolution(self) -> int:
-    return self.stages.decoder.decoder.resolution
+    return self.stages.decoder.generator.resolution
 
   @property
   def resolution(self) -> int:
@@ -118,14 +112,11 @@ class UnCLIPPipeline(Manipulations):
     text_embeddings, text_encodings = repeat(text_embeddings), repeat(text_encodings)
 
     def sample_prior(chunk, start):
-      return prior.prior.sample(
-          prior.params, chunk["z_t"], chunk["encodings"], chunk["mask"],
-          jax.random.fold_in(keys.prior, start), drop_text=chunk["unconditional"],
-          **prior_kwargs)
-    image_embeddings = batching.map_rows(sample_prior, {
-        "z_t": text_embeddings, "encodings": text_encodings,
-        "mask": self.clip.text_mask(tokens), "unconditional": unconditional,
-    }, max_batch=self.max_batch)
+      return prior.generator.sample(
+          prior.params, chunk, jax.random.fold_in(keys.prior, start), **prior_kwargs)
+    image_embeddings = self._map_rows(sample_prior, {
+        TEXT_EMBEDDING: text_embeddings, TEXT_ENCODINGS: text_encodings,
+        TEXT_MASK: self.clip.text_mask(tokens), DROP_TEXT: unconditional})
     # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
     image_embeddings = l2_normalize_host(image_embeddings)
     # An empty prompt's caption is the all-pad one the decoder learned to drop to.
@@ -176,9 +167,9 @@ class UnCLIPPipeline(Manipulations):
     side)."""
     squares = [images_lib.square_image(i) for i in images_lib.as_image_list(images)]
     pixels = images_lib.at_resolution(squares, self.clip.resolution)
-    return diffusion_common.map_batches(
+    return map_batches(
         lambda chunk, start: self.clip.encode_image(chunk["pixels"]),
-        {"pixels": pixels}, batching.chunk_size(len(pixels), self.max_batch))
+        {"pixels": pixels}, chunk_size(len(pixels), self.max_batch))
 
   def noise(self, seed: int, rows: int) -> np.ndarray:
     """The decoder's x_T for `rows` rows of `seed`: float32 [rows, r, r, 3]."""
@@ -189,11 +180,16 @@ class UnCLIPPipeline(Manipulations):
 
   # Shared by generation and the manipulations.
 
+  def _map_rows(self, fn, arrays: dict[str, np.ndarray]):
+    """fn(chunk split over this host's devices, first row) over every row."""
+    rows = len(next(iter(arrays.values())))
+    return map_batches(fn, arrays, chunk_size(rows, self.max_batch), split=True)
+
   def _encode_prompts(self, prompts: list[str]):
     readers = {"CLIP": self.clip.context_length,
-               "the decoder": self.stages.decoder.decoder.context_length}
+               "the decoder": self.stages.decoder.generator.context_length}
     if self.stages.prior is not None:
-      readers["the prior"] = self.stages.prior.prior.model.context_length
+      readers["the prior"] = self.stages.prior.generator.model.context_length
     return encode_prompts(self.clip.tokenizer, prompts, readers)
 
   def _caption_tokens(self, captions, rows: int) -> np.ndarray:
@@ -210,9 +206,9 @@ class UnCLIPPipeline(Manipulations):
 
   def _clip_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(z_t [N, D], token encodings [N, L, W]) as numpy."""
-    out = diffusion_common.map_batches(
+    out = map_batches(
         lambda chunk, start: self.clip.encode_text(chunk["tokens"]),
-        {"tokens": tokens}, batching.chunk_size(len(tokens), self.max_batch))
+        {"tokens": tokens}, chunk_size(len(tokens), self.max_batch))
     return tuple(out)
 
   def _decoder_options(self, steps, guidance, eta, clip_denoised=None) -> dict:
@@ -230,24 +226,23 @@ class UnCLIPPipeline(Manipulations):
     decoder = self.stages.decoder
 
     def decode(chunk, start):
-      return self._decoder_sample(
-          decoder.params, (chunk["z_i"], chunk["tokens"]),
-          jax.random.fold_in(keys.decoder, start), shape=chunk["noise"].shape,
-          x_T=chunk["noise"], **decoder_kwargs)
-    images = batching.map_rows(decode, {
-        "z_i": image_embeddings, "tokens": decoder_tokens, "noise": noise,
-    }, max_batch=self.max_batch)
+      noise = chunk.pop("noise")
+      return decoder.generator.sample(
+          decoder.params, chunk, jax.random.fold_in(keys.decoder, start), x_T=noise,
+          **decoder_kwargs)
+    images = self._map_rows(decode, {
+        IMAGE_EMBEDDING: image_embeddings, TOKENS: decoder_tokens, "noise": noise})
     cascade = [images]
     for index, (stage, steps) in enumerate(zip(self.stages.upsamplers,
                                                upsampler_steps)):
       key = jax.random.fold_in(keys.upsampler, index)
-      cascade.append(batching.map_rows(
+      cascade.append(self._map_rows(
           lambda chunk, start, stage=stage, steps=steps, key=key:
-          stage.upsampler.upsample(
-              stage.params, jnp.clip(chunk["low_res"], -1, 1),
+          stage.generator.sample(
+              stage.params, {LOW_RES: jnp.clip(chunk[LOW_RES], -1, 1)},
               jax.random.fold_in(key, start), num_steps=steps),
-          {"low_res": cascade[-1]}, max_batch=self.max_batch))
-    cascade = tuple(to_uint8(x) for x in cascade)
+          {LOW_RES: cascade[-1]}))
+    cascade = tuple(images_lib.to_uint8(x) for x in cascade)
     return Samples(images=cascade[-1], cascade=cascade,
                    image_embeddings=np.asarray(image_embeddings, np.float32),
                    noise=np.asarray(noise, np.float32), **fields)

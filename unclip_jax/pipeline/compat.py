@@ -15,7 +15,7 @@ import ml_collections
 
 from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.errors import UserError
-from unclip_jax.stages.frozen import FrozenClip
+from unclip_jax.generators.clip import FrozenClip
 
 
 class IncompatibleStagesError(UserError):

@@ -1,36 +1,26 @@
-"""Loading a chain of trained stages from their workdirs: configs and checkpoint
-steps first (cheap, one-line errors for a missing, empty or wrong-stage
-workdir), then the compatibility checks, then the EMA params."""
+"""Loading a chain of trained stages from their workdirs: each workdir is opened
+once (config, checkpoint steps: cheap, one-line errors for a missing, empty or
+wrong-stage workdir), then the compatibility checks, then the EMA params."""
 import dataclasses
-import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from unclip_jax import generators
+from unclip_jax.checkpoints.workdir import StageWorkdir
 from unclip_jax.errors import UserError
+from unclip_jax.generators.base import Trained
+from unclip_jax.generators.clip import FrozenClip
 from unclip_jax.pipeline import compat
-from unclip_jax.stages import frozen
-from unclip_jax.stages.decoder import TrainedDecoder, load_decoder
-from unclip_jax.stages.frozen import FrozenClip
-from unclip_jax.stages.prior import TrainedPrior, load_prior
-from unclip_jax.stages.upsampler import Upsampler, load_upsampler
 
 Steps = int | Mapping[str, int] | None
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainedUpsampler:
-  config: Any
-  upsampler: Upsampler
-  params: Any  # EMA params
-  step: int
-
-
-@dataclasses.dataclass(frozen=True)
 class LoadedStages:
   clip: FrozenClip
-  prior: TrainedPrior | None
-  decoder: TrainedDecoder
-  upsamplers: tuple[TrainedUpsampler, ...]
+  prior: Trained | None
+  decoder: Trained
+  upsamplers: tuple[Trained, ...]
   workdirs: dict[str, str]  # stage name -> workdir
 
 
@@ -50,48 +40,38 @@ def _step_of(steps: Steps, name: str) -> int | None:
   return steps.get(name)
 
 
-def _read_stage(workdir: str, stage: str, name: str, step: int | None,
-                frozen_clip: bool) -> compat.StageInfo:
-  if not isinstance(workdir, (str, os.PathLike)):
-    raise UserError(f"the {name} workdir must be a path, got {workdir!r}")
-  workdir = os.fspath(workdir)
-  config = frozen.read_config(workdir, stage)
-  frozen.latest_step(workdir, stage, step)
-  info = None
-  if frozen_clip:
-    info = frozen.read_frozen_clip(workdir, stage)
-  return compat.StageInfo(name, workdir, config, info)
+def _open(workdir: str, stage: str, name: str, step: int | None
+          ) -> tuple[StageWorkdir, compat.StageInfo]:
+  reader = StageWorkdir(workdir, stage)
+  reader.step(step)  # a missing checkpoint fails before anything is restored
+  frozen_clip = reader.frozen_clip() if stage in generators.READS_CLIP else None
+  return reader, compat.StageInfo(name, reader.path, reader.config, frozen_clip)
 
 
 def load_stages(clip: str, decoder: str, prior: str | None = None,
                 upsamplers: Sequence[str] = (), step: Steps = None) -> LoadedStages:
   """Every stage's config, EMA params and checkpoint step, checked to fit."""
-  if isinstance(upsamplers, (str, os.PathLike)):
+  if isinstance(upsamplers, str) or hasattr(upsamplers, "__fspath__"):
     upsamplers = [upsamplers]
   names = upsampler_names(len(upsamplers))
   clip_stage = FrozenClip(clip, step=_step_of(step, "clip"))
-  prior_info = None if prior is None else _read_stage(
-      prior, "prior", "prior", _step_of(step, "prior"), True)
-  decoder_info = _read_stage(decoder, "decoder", "decoder", _step_of(step, "decoder"),
-                             True)
-  upsampler_infos = [
-      _read_stage(workdir, "upsampler",
-                  f"upsampler {i + 1}" if len(names) > 1 else "upsampler",
-                  _step_of(step, name), False)
-      for i, (workdir, name) in enumerate(zip(upsamplers, names))]
-  compat.check_chain(clip_stage, prior_info, decoder_info, upsampler_infos)
-
-  loaded_upsamplers = []
-  for info, name in zip(upsampler_infos, names):
-    loaded_upsamplers.append(TrainedUpsampler(*load_upsampler(
-        info.workdir, _step_of(step, name))))
-  workdirs = {"clip": clip_stage.workdir, "decoder": decoder_info.workdir,
-              **{name: info.workdir for name, info in zip(names, upsampler_infos)}}
-  if prior_info is not None:
-    workdirs["prior"] = prior_info.workdir
+  opened = {}
+  if prior is not None:
+    opened["prior"] = _open(prior, "prior", "prior", _step_of(step, "prior"))
+  opened["decoder"] = _open(decoder, "decoder", "decoder", _step_of(step, "decoder"))
+  for i, (workdir, name) in enumerate(zip(upsamplers, names)):
+    label = f"upsampler {i + 1}" if len(names) > 1 else "upsampler"
+    opened[name] = _open(workdir, "upsampler", label, _step_of(step, name))
+  try:
+    compat.check_chain(clip_stage, opened["prior"][1] if prior is not None else None,
+                       opened["decoder"][1], [opened[n][1] for n in names])
+    loaded = {name: generators.load(reader, reader.stage, _step_of(step, name))
+              for name, (reader, _) in opened.items()}
+  finally:
+    for reader, _ in opened.values():
+      reader.close()
   return LoadedStages(
-      clip=clip_stage,
-      prior=None if prior is None else load_prior(prior_info.workdir,
-                                                  _step_of(step, "prior")),
-      decoder=load_decoder(decoder_info.workdir, _step_of(step, "decoder")),
-      upsamplers=tuple(loaded_upsamplers), workdirs=workdirs)
+      clip=clip_stage, prior=loaded.get("prior"), decoder=loaded["decoder"],
+      upsamplers=tuple(loaded[n] for n in names),
+      workdirs={"clip": clip_stage.workdir,
+                **{name: reader.path for name, (reader, _) in opened.items()}})

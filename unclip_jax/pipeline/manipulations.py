@@ -7,7 +7,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from unclip_jax.errors import UserError
-from unclip_jax.pipeline import batching, images as images_lib, options
+from unclip_jax.data import images as images_lib
+from unclip_jax.generators.base import IMAGE_EMBEDDING, TOKENS
+from unclip_jax.pipeline import options
 from unclip_jax.pipeline.results import Samples
 
 LATENTS = ("fixed", "inverted")
@@ -68,15 +70,15 @@ class Manipulations:
 
     def invert(chunk, start):
       del start
-      return self._decoder_invert(
-          decoder.params, (chunk["z_i"], chunk["tokens"]), chunk["pixels"],
-          num_steps=kwargs["num_steps"], guidance_scale=kwargs["guidance_scale"],
+      pixels = chunk.pop("pixels")
+      return decoder.generator.invert(
+          decoder.params, chunk, pixels, num_steps=kwargs["num_steps"],
+          guidance_scale=kwargs["guidance_scale"],
           fixed_point_iterations=fixed_point_iterations)
-    x_T = batching.map_rows(invert, {
-        "z_i": self.encode_images(squares),
-        "tokens": self._caption_tokens(caption, len(squares)),
-        "pixels": images_lib.at_resolution(squares, self.base_resolution),
-    }, max_batch=self.max_batch)
+    x_T = self._map_rows(invert, {
+        IMAGE_EMBEDDING: self.encode_images(squares),
+        TOKENS: self._caption_tokens(caption, len(squares)),
+        "pixels": images_lib.at_resolution(squares, self.base_resolution)})
     single = not isinstance(image, (list, tuple)) and not (
         isinstance(image, np.ndarray) and image.ndim == 4)
     return x_T[0] if single else x_T

@@ -120,24 +120,23 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.ERROR)
   # Imported here, so that --help and flag errors come back without jax.
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from unclip_jax.pipeline import UnCLIPPipeline, images as images_lib  # pylint: disable=import-outside-toplevel
-  from unclip_jax.sample import grid  # pylint: disable=import-outside-toplevel
-  from unclip_jax.stages.decoder import resize_image  # pylint: disable=import-outside-toplevel
+  from unclip_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  from unclip_jax.pipeline import UnCLIPPipeline  # pylint: disable=import-outside-toplevel
 
   pipe = UnCLIPPipeline.from_workdirs(
       clip=_CLIP.value, prior=_PRIOR.value, decoder=_DECODER.value,
       upsamplers=_UPSAMPLER.value, max_batch=_MAX_BATCH.value)
   samples, inputs, labels = _run(pipe, command)
   side = pipe.resolution
-  shown = [resize_image(images_lib.square_image(i), side) for i in inputs]
+  shown = [images_lib.resize_image(images_lib.square_image(i), side) for i in inputs]
   tiles = samples.images
   if command == "interpolate":  # a, frames, b
     tiles = np.concatenate([shown[:1], tiles, shown[1:]])
   elif shown:
     tiles = np.concatenate([shown, tiles])
   rows = len(labels)
-  tiles = grid.nearest_upscale(tiles, max(1, -(-_MIN_TILE // side)))
-  print(grid.write_grid(_OUT.value, tiles, rows=rows, cols=len(tiles) // rows,
+  tiles = images_lib.nearest_upscale(tiles, max(1, -(-_MIN_TILE // side)))
+  print(images_lib.write_grid(_OUT.value, tiles, rows=rows, cols=len(tiles) // rows,
                         labels=labels))
 
 

@@ -2,14 +2,20 @@
 
 The loop (unclip_jax/train/loop.py) owns the mesh, sharded init, the jitted
 step, EMA, checkpoints, metrics and progress. A stage owns its model, its loss,
-its batch preparation and its evaluation.
+its batch preparation and its evaluation. A generative stage's model, loss and
+sampler are its generator's (unclip_jax/generators/): `GeneratorStage` adapts
+one to training.
 """
 import abc
 from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from unclip_jax import generators
+from unclip_jax.generators.base import ClipSizes
 
 Batch = Mapping[str, np.ndarray]
 
@@ -21,11 +27,27 @@ class Stage(abc.ABC):
     self.config = config
     self.workdir = workdir
 
+  # Whether the stage reads a trained CLIP (`config.clip_workdir`): then `build`
+  # needs its sizes.
+  reads_clip = False
+
   def validate(self) -> None:
     """Raises ConfigError for stage-specific bad values, before compiling."""
 
+  @abc.abstractmethod
+  def build(self, clip_sizes: ClipSizes | None) -> None:
+    """Builds the model from the config (and the CLIP's sizes) alone: no data is
+    read. What `prepare` ends with, and all that ahead-of-time compilation
+    needs."""
+
   def prepare(self) -> None:
-    """One-time set-up before the model exists: tokenizer, frozen caches."""
+    """One-time set-up from data (tokenizer, frozen caches); then `build`."""
+    self.build(None)
+
+  @abc.abstractmethod
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The GLOBAL training batch as the data pipeline delivers it (after
+    `build`): what the train step is compiled for."""
 
   @abc.abstractmethod
   def init_params(self, rng: jax.Array) -> Any:
@@ -50,3 +72,24 @@ class Stage(abc.ABC):
     every process: whatever runs on the params runs in all of them; only
     process 0 writes."""
     del params, step
+
+
+class GeneratorStage(Stage):
+  """A stage whose model is a generator: init, loss and batch are its."""
+
+  generator: generators.Generator
+
+  def build(self, clip_sizes):
+    self.generator = generators.generator_class(self.config.stage).from_config(
+        self.config, clip_sizes)
+
+  def abstract_batch(self):
+    return self.generator.abstract_batch(self.config.batch_size)
+
+  def init_params(self, rng):
+    return self.generator.init_params(rng)
+
+  def loss(self, params, batch, rng):
+    per_example, aux = self.generator.losses(params, batch, rng)
+    return per_example.mean(), {k: v.astype(jnp.float32).mean()
+                                for k, v in aux.items()}

@@ -8,27 +8,10 @@ import optax
 
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
-from unclip_jax.models.clip import CLIP
+from unclip_jax.generators.clip import build_clip
 from unclip_jax.parallel import distributed
 from unclip_jax.stages.base import Stage
 from unclip_jax.stages.text import tokenizer_for_workdir
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_clip(config, vocab_size: int | None = None) -> CLIP:
-  """The CLIP module a config describes."""
-  m = config.model
-  return CLIP(
-      embed_dim=m.embed_dim, image_size=config.data.resolution,
-      patch_size=m.patch_size, vision_width=m.vision_width,
-      vision_depth=m.vision_depth, vision_heads=m.vision_heads,
-      text_width=m.text_width, text_depth=m.text_depth,
-      text_heads=m.text_heads,
-      vocab_size=vocab_size or config.tokenizer.vocab_size,
-      context_length=config.tokenizer.context_length, mlp_ratio=m.mlp_ratio,
-      dtype=DTYPES[config.dtype], remat_policy=m.remat_policy,
-      scan_layers=m.scan_layers)
 
 
 def contrastive_loss(image_embedding, text_embedding, logit_scale):
@@ -77,7 +60,19 @@ class ClipStage(Stage):
     captions = lambda: (self.train_source[i][pipeline.CAPTION]
                         for i in range(len(self.train_source)))
     self.tokenizer = tokenizer_for_workdir(self.workdir, c.tokenizer, captions)
-    self.model = build_clip(c)
+    self.build(None)
+
+  def build(self, clip_sizes=None):
+    del clip_sizes  # CLIP is the one that has them
+    self.validate()  # config only: what compiling without data needs too
+    self.model = build_clip(self.config)
+
+  def abstract_batch(self):
+    c, batch = self.config, self.config.batch_size
+    side = c.data.resolution
+    return {"image": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32),
+            "tokens": jax.ShapeDtypeStruct((batch, c.tokenizer.context_length),
+                                           jnp.int32)}
 
   def _preprocess(self, record):
     tokens = self.tokenizer.encode([record[pipeline.CAPTION]])[0]

@@ -1,31 +1,31 @@
 """The decoder stage: CLIP image embedding z_i (+ caption) -> base image (DALL-E 2 §2).
 
-The model, its loss and its guided sampler are `decoder_model.Decoder`; the
-training data pairs each image with a frozen CLIP's cached z_i and caption tokens
-by index (`paired_images.PairedSource`). This module is the stage the trainer loop
-runs (config checks, data, evaluation, sample grids) and `load_decoder`, which
-the sampling pipeline uses.
+The model, its loss and its guided sampler are the generator's
+(`generators.decoder.Decoder`); the training data pairs each image with a frozen
+CLIP's cached z_i and caption tokens by index (`paired_images.PairedSource`). This
+module is the stage the trainer loop runs: config checks, data, evaluation,
+sample grids.
 """
 import functools
 import logging
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax import diffusion
 from unclip_jax.data import pipeline
+from unclip_jax.data.images import resize_image, to_uint8
 from unclip_jax.errors import ConfigError
+from unclip_jax.generators import decoder as decoder_lib
+from unclip_jax.generators.base import IMAGE_EMBEDDING, TOKENS
+from unclip_jax.generators.clip import FrozenClip
 from unclip_jax.parallel import distributed
-from unclip_jax.sample import grid
-from unclip_jax.stages import decoder_eval, diffusion_common, embedding_cache, frozen
-from unclip_jax.stages.base import Stage
-from unclip_jax.stages.decoder_model import Decoder
-from unclip_jax.stages.embedding_cache import IMAGE_EMBEDDING, TOKENS
-from unclip_jax.stages.paired_images import PairedSource, SquareImages, resize_image
+from unclip_jax.parallel.local import map_batches
+from unclip_jax.stages import decoder_eval, embedding_cache, frozen
+from unclip_jax.stages.base import GeneratorStage
+from unclip_jax.stages.paired_images import PairedSource, SquareImages
 
 log = logging.getLogger(__name__)
 
@@ -33,57 +33,7 @@ IMAGE, CAPTION = pipeline.IMAGE, pipeline.CAPTION
 MODEL_INPUTS = (IMAGE, IMAGE_EMBEDDING, TOKENS)
 
 
-def _check_unet(config: ml_collections.ConfigDict) -> None:
-  m, side = config.model, config.data.resolution
-  levels = len(m.channel_mults)
-  if side % 2**(levels - 1):
-    raise ConfigError(f"data.resolution={side} is not divisible by {2**(levels - 1)}, "
-                      f"which a UNet with {levels} levels (model.channel_mults) needs")
-  sides = {side // 2**level: level for level in range(levels)}
-  unknown = [s for s in m.attention_resolutions if s not in sides]
-  if unknown:
-    raise ConfigError(f"model.attention_resolutions {list(unknown)} are not "
-                      f"feature-map sides {sorted(sides)} of a {side} px UNet; pick "
-                      "from those")
-  attended = {sides[s] for s in m.attention_resolutions}
-  if attended:
-    attended.add(levels - 1)  # the middle block's attention
-  for level, mult in enumerate(m.channel_mults):
-    width = m.base_channels * mult
-    if width % m.norm_groups:
-      raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide the width "
-                        f"base_channels x {mult} = {width}")
-    if level in attended and width % m.head_channels:
-      raise ConfigError(f"model.head_channels={m.head_channels} does not divide the "
-                        f"width {width} of an attention level")
-  if m.text_depth < 1:
-    raise ConfigError(f"model.text_depth={m.text_depth}: the decoder reads the caption "
-                      "through its own text transformer; use >= 1")
-  if m.text_width % m.text_heads:
-    raise ConfigError(f"model.text_width={m.text_width} does not divide into "
-                      f"model.text_heads={m.text_heads} heads")
-  if m.get("text_context") is not None and m.text_context < 1:
-    raise ConfigError(f"model.text_context={m.text_context} must be >= 1 (or unset)")
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """One-line ConfigError for a decoder config that cannot work (CLIP not read)."""
-  m = config.model
-  _check_unet(config)
-  for name in ("image_embedding_drop_prob", "text_drop_prob", "dropout"):
-    if not 0.0 <= m[name] < 1.0:
-      raise ConfigError(f"model.{name}={m[name]}: must be in [0, 1)")
-  if m.parameterization not in diffusion.PARAMETERIZATIONS:
-    raise ConfigError(f"model.parameterization={m.parameterization!r}: use one of "
-                      f"{tuple(diffusion.PARAMETERIZATIONS)}")
-  if m.vlb_weight < 0:
-    raise ConfigError(f"model.vlb_weight={m.vlb_weight} must be >= 0")
-  # diffusion_common checks `diffusion.parameterization`; ours lives in `model`.
-  view = ml_collections.ConfigDict({
-      "diffusion": {**config.diffusion.to_dict(),
-                    "parameterization": m.parameterization},
-      "sample": config.sample.to_dict()})
-  diffusion_common.validate_diffusion_config(view)
+def validate_eval_config(config: ml_collections.ConfigDict) -> None:
   e = config.eval
   for name in ("loss_examples", "num_examples", "batch_size", "num_samples",
                "samples_per_caption"):
@@ -91,16 +41,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"eval.{name}={e[name]} must be >= 1")
 
 
-class DecoderStage(Stage):
+class DecoderStage(GeneratorStage):
   """Trains the decoder on images and a frozen CLIP's cached image embeddings."""
+
+  reads_clip = True
 
   def validate(self):
     frozen.check_clip_workdir(self.config, same_data=("name", "seed"))
-    validate_config(self.config)
+    decoder_lib.validate_config(self.config)
+    validate_eval_config(self.config)
 
   def prepare(self):
     c = self.config
-    self.clip = frozen.FrozenClip(c.clip_workdir, step=c.get("clip_step"))
+    self.clip = FrozenClip(c.clip_workdir, step=c.get("clip_step"))
     frozen.record_frozen_clip(self.workdir, self.clip)
     # z_i is computed from images at the CLIP's resolution, whatever the decoder's.
     data_at_clip = ml_collections.ConfigDict(c.data.to_dict())
@@ -114,15 +67,13 @@ class DecoderStage(Stage):
       self.sources[split] = PairedSource(images, cache)
     self.train_source = self.sources[c.data.train_split]
     self.eval_source = self.sources[c.data.eval_split]
-    self.decoder = Decoder(c, image_embedding_dim=self.clip.embed_dim,
-                           vocab_size=self.clip.vocab_size,
-                           context_length=self.clip.context_length)
+    self.build(self.clip.sizes)
     for source in (self.train_source, self.eval_source):
       longest = source.cache.manifest["max_tokens"]
-      if longest > self.decoder.context_length:
+      if longest > self.generator.context_length:
         log.warning("%s captions have up to %d tokens; the decoder reads the first %d "
                     "(model.text_context)", source.cache.name, longest,
-                    self.decoder.context_length)
+                    self.generator.context_length)
     needed = max(c.eval.num_examples, c.eval.num_samples)
     if len(self.eval_source) < needed:
       raise ConfigError(
@@ -133,14 +84,6 @@ class DecoderStage(Stage):
     return {IMAGE: resize_image(record[IMAGE], self.config.data.resolution),
             IMAGE_EMBEDDING: record[IMAGE_EMBEDDING], TOKENS: record[TOKENS]}
 
-  def init_params(self, rng):
-    return self.decoder.init_params(rng)
-
-  def loss(self, params, batch, rng):
-    per_example, aux = self.decoder.losses(params, batch, rng)
-    metrics = {k: v.astype(jnp.float32).mean() for k, v in aux.items()}
-    return per_example.mean(), metrics
-
   def train_iterator(self):
     return pipeline.make_train_iterator(
         self.train_source, global_batch_size=self.config.batch_size,
@@ -149,7 +92,7 @@ class DecoderStage(Stage):
   @functools.cached_property
   def _eval_losses(self):
     def losses(params, batch, rng):
-      per_example, aux = self.decoder.losses(params, batch, rng, train=False)
+      per_example, aux = self.generator.losses(params, batch, rng, train=False)
       return {"loss": per_example, **{k: aux[k] for k in ("mse", "vlb") if k in aux}}
     return jax.jit(losses)
 
@@ -174,11 +117,9 @@ class DecoderStage(Stage):
   def _sample_all(self, params, arrays: dict, rng: jax.Array) -> np.ndarray:
     """uint8 [N, R, R, 3] samples for arrays of z_i and tokens, in eval batches."""
     def sample(batch, start):
-      return self.decoder.sample(params, batch[IMAGE_EMBEDDING], batch[TOKENS],
-                                 jax.random.fold_in(rng, start))
+      return self.generator.sample(params, batch, jax.random.fold_in(rng, start))
     condition = {k: arrays[k] for k in (IMAGE_EMBEDDING, TOKENS)}
-    return grid.to_uint8(diffusion_common.map_batches(
-        sample, condition, self.config.eval.batch_size))
+    return to_uint8(map_batches(sample, condition, self.config.eval.batch_size))
 
   @functools.cached_property
   def _templates(self) -> decoder_eval.SceneTemplates | None:
@@ -232,29 +173,3 @@ class DecoderStage(Stage):
     decoder_eval.write_sample_grid(path, samples, examples[IMAGE],
                                    list(examples[CAPTION]))
     log.info("wrote %s", path)
-
-
-class TrainedDecoder(NamedTuple):
-  config: ml_collections.ConfigDict
-  decoder: Decoder
-  params: Any  # EMA params
-  step: int
-  clip_fingerprint: str  # FrozenClip.fingerprint of the CLIP it was trained on
-
-
-def load_decoder(workdir: str, step: int | None = None,
-                 sharding: Any = None) -> TrainedDecoder:
-  """A trained decoder from its workdir alone: (config, Decoder, EMA params, step,
-  clip_fingerprint).
-
-  Sample with `decoder.sample(params, z_i, tokens, rng)`: z_i [B, D] from the CLIP in
-  `config.clip_workdir` (or the prior), tokens from that CLIP's tokenizer
-  (`FrozenClip.tokenize`); compare `clip_fingerprint` with `FrozenClip.fingerprint`
-  to catch a CLIP retrained since.
-  """
-  config, params, step = frozen.load_trained(workdir, "decoder", step, sharding)
-  clip = frozen.read_frozen_clip(workdir, "decoder")
-  decoder = Decoder(config, image_embedding_dim=clip["embed_dim"],
-                    vocab_size=clip["vocab_size"],
-                    context_length=clip["context_length"])
-  return TrainedDecoder(config, decoder, params, step, clip["fingerprint"])

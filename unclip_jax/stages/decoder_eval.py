@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from unclip_jax.data import pipeline, scenes
+from unclip_jax.data.images import make_grid, nearest_upscale
 from unclip_jax.models.clip import l2_normalize_host
-from unclip_jax.sample import grid
 
 LABELS = ("emoji_index", "color_index", "position_index")
 _PALETTE = np.asarray(list(scenes.COLORS.values()), np.float32)  # [colours, 3]
@@ -121,8 +121,8 @@ def write_sample_grid(path: str, samples: np.ndarray, truth: np.ndarray,
                           truth[:, None]], axis=1)
   side = truth.shape[1]
   factor = max(1, -(-64 // side))
-  tiles = grid.nearest_upscale(tiles.reshape((-1,) + tiles.shape[2:]), factor)
-  image = grid.make_grid(tiles, rows=rows, cols=per_row + 1)
+  tiles = nearest_upscale(tiles.reshape((-1,) + tiles.shape[2:]), factor)
+  image = make_grid(tiles, rows=rows, cols=per_row + 1)
   canvas = Image.new("RGB", (image.shape[1] + _LABEL_WIDTH, image.shape[0]),
                      (255, 255, 255))
   canvas.paste(Image.fromarray(image), (_LABEL_WIDTH, 0))

@@ -30,6 +30,9 @@ from jax.experimental import multihost_utils
 
 from unclip_jax.data import pipeline
 from unclip_jax.data.tokenizer import PAD_ID
+# Record fields: the generators' batch field names (text_mask derived on read).
+from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
+                                        TEXT_ENCODINGS, TEXT_MASK, TOKENS)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,6 @@ CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 RECORDS = "records.array_record"
 
-# Record fields.
-IMAGE_EMBEDDING = "image_embedding"  # float32 [embed_dim], unit norm (CLIP z_i)
-TEXT_EMBEDDING = "text_embedding"  # float32 [embed_dim], unit norm (CLIP z_t)
-TEXT_ENCODINGS = "text_encodings"  # float16 [context_length, text_width]
-TOKENS = "tokens"  # int32 [context_length]
-TEXT_MASK = "text_mask"  # bool [context_length], derived from tokens on read
 CAPTION = pipeline.CAPTION
 
 

@@ -6,7 +6,6 @@ to the decoder's `data.resolution` by the loader (`resize_image`).
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from unclip_jax.data import pipeline
 from unclip_jax.data.preprocess import center_crop_and_resize
@@ -14,17 +13,6 @@ from unclip_jax.stages import embedding_cache
 from unclip_jax.stages.embedding_cache import IMAGE_EMBEDDING, TOKENS
 
 IMAGE, CAPTION = pipeline.IMAGE, pipeline.CAPTION
-
-
-def resize_image(image: np.ndarray, side: int) -> np.ndarray:
-  """uint8 [S, S, 3] -> uint8 [side, side, 3]: area-averaged when shrinking (a
-  2x shrink is the mean of each 2x2 block), bicubic when enlarging."""
-  image = np.asarray(image)
-  if image.shape[0] == side and image.shape[1] == side:
-    return image
-  method = (Image.Resampling.BOX if image.shape[0] >= side
-            else Image.Resampling.BICUBIC)
-  return np.asarray(Image.fromarray(image).resize((side, side), method), np.uint8)
 
 
 class SquareImages:

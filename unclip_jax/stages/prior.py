@@ -8,27 +8,25 @@ N candidates are drawn per caption and the one with the highest z_i . z_t is kep
 
 The stage trains on frozen CLIP outputs computed once into an embedding cache
 (embedding_cache.py); images are never seen after that. The model, its loss and the
-one-call sampler are `prior_model.DiffusionPrior`; it and `load_prior` are what the
-sampling pipeline reuses.
+one-call sampler are the generator's (`generators.prior.Prior`).
 """
+import dataclasses
 import functools
 import logging
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
+from unclip_jax.generators import prior as prior_lib
+from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
+                                        TEXT_ENCODINGS, TEXT_MASK)
+from unclip_jax.generators.clip import FrozenClip
 from unclip_jax.models.clip import l2_normalize_host
+from unclip_jax.parallel.local import map_batches
 from unclip_jax.stages import embedding_cache, frozen
-from unclip_jax.stages.base import Stage
-from unclip_jax.stages.diffusion_common import map_batches
-from unclip_jax.stages.embedding_cache import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
-                                               TEXT_ENCODINGS, TEXT_MASK)
-from unclip_jax.stages.prior_model import DiffusionPrior, make_scaler
+from unclip_jax.stages.base import GeneratorStage
 
 log = logging.getLogger(__name__)
 
@@ -59,44 +57,34 @@ def sample_metrics(sampled: np.ndarray, true: np.ndarray) -> dict[str, float]:
   }
 
 
-class PriorStage(Stage):
+class PriorStage(GeneratorStage):
   """Trains the diffusion prior on a frozen CLIP's cached outputs."""
+
+  reads_clip = True
 
   def validate(self):
     c = self.config
     # The cache feeds the prior's own data through the CLIP: it must be the CLIP's.
     frozen.check_clip_workdir(c, same_data=("name", "resolution", "num_emoji", "seed"))
-    if c.model.width % c.model.num_heads:
-      raise ConfigError(f"model.width={c.model.width} does not divide into "
-                        f"model.num_heads={c.model.num_heads} heads")
-    if not 0.0 <= c.model.text_drop_prob < 1.0:
-      raise ConfigError(f"model.text_drop_prob={c.model.text_drop_prob}: must be "
-                        "in [0, 1)")
-    make_scaler(c.model.embedding_scale, 1, stats=(np.zeros(1), np.ones(1)))  # parses
-    if c.sample.num_candidates < 1:
-      raise ConfigError("sample.num_candidates must be >= 1")
-    if not 1 <= c.sample.num_steps <= c.diffusion.num_timesteps:
-      raise ConfigError(f"sample.num_steps={c.sample.num_steps}: must be in "
-                        f"[1, diffusion.num_timesteps={c.diffusion.num_timesteps}]")
+    prior_lib.validate_config(c)
     if c.eval.num_examples < 2:
       raise ConfigError("eval.num_examples must be >= 2")
 
   def prepare(self):
     c = self.config
-    self.clip = frozen.FrozenClip(c.clip_workdir, step=c.get("clip_step"))
+    self.clip = FrozenClip(c.clip_workdir, step=c.get("clip_step"))
     self.train_cache, self.eval_cache = (
         embedding_cache.build_or_load(
             self.workdir, split, pipeline.get_data_source(c.data, split), self.clip,
             batch_size=c.cache_batch_size)
         for split in (c.data.train_split, c.data.eval_split))
-    stats = self.train_cache.image_embedding_stats
-    frozen.record_frozen_clip(
-        self.workdir, self.clip, image_embedding_mean=np.asarray(stats[0]).tolist(),
-        image_embedding_std=np.asarray(stats[1]).tolist())
-    self.prior = DiffusionPrior.from_config(
-        c, embed_dim=self.clip.embed_dim, text_width=self.clip.text_width,
-        context_length=self.clip.context_length, stats=stats)
-    context = self.prior.model.context_length
+    mean, std = (np.asarray(s).tolist()
+                 for s in self.train_cache.image_embedding_stats)
+    frozen.record_frozen_clip(self.workdir, self.clip, image_embedding_mean=mean,
+                              image_embedding_std=std)
+    self.build(dataclasses.replace(self.clip.sizes, image_embedding_mean=tuple(mean),
+                                   image_embedding_std=tuple(std)))
+    context = self.generator.model.context_length
     for cache in (self.train_cache, self.eval_cache):
       if cache.manifest["max_tokens"] > context:
         log.warning("%s captions have up to %d tokens; the prior reads the first %d "
@@ -106,13 +94,6 @@ class PriorStage(Stage):
       raise ConfigError(
           f"the {c.data.eval_split!r} split has {len(self.eval_cache)} examples, "
           f"fewer than eval.num_examples={c.eval.num_examples}; lower it")
-
-  def init_params(self, rng):
-    return self.prior.init_params(rng)
-
-  def loss(self, params, batch, rng):
-    per_example, dropped = self.prior.losses(params, batch, rng)
-    return per_example.mean(), {"text_dropped": dropped.astype(jnp.float32).mean()}
 
   @staticmethod
   def _model_inputs(record):
@@ -125,7 +106,7 @@ class PriorStage(Stage):
 
   @functools.cached_property
   def _eval_losses(self):
-    return jax.jit(lambda params, batch, rng: self.prior.losses(
+    return jax.jit(lambda params, batch, rng: self.generator.losses(
         params, batch, rng, train=False)[0])
 
   def eval_examples(self) -> list[int]:
@@ -142,49 +123,18 @@ class PriorStage(Stage):
             self.eval_cache.arrays(self.eval_examples(), MODEL_INPUTS))
 
   def evaluate(self, params, step):
-    c, s = self.config, self.config.sample
+    c = self.config
     loss_examples, examples = self._held_out
     # The same t, noise and x_T at every evaluation: curves are not sampling noise.
     loss_rng, sample_rng = jax.random.split(jax.random.key(c.seed + 1))
     size = c.eval.batch_size
     losses = map_batches(lambda batch, start: self._eval_losses(
         params, batch, jax.random.fold_in(loss_rng, start)), loss_examples, size)
-    sampled = map_batches(lambda batch, start: self.prior.sample(
-        params, batch[TEXT_EMBEDDING], batch[TEXT_ENCODINGS], batch[TEXT_MASK],
-        jax.random.fold_in(sample_rng, start), num_steps=s.num_steps,
-        guidance_scale=float(s.guidance_scale), num_candidates=s.num_candidates,
-        eta=float(s.eta)), examples, size)
+    sampled = map_batches(lambda batch, start: self.generator.sample(
+        params, batch, jax.random.fold_in(sample_rng, start)), examples, size)
     metrics = sample_metrics(sampled, examples[IMAGE_EMBEDDING])
     metrics["eval/loss"] = float(np.mean(losses))
     # What z_t itself scores in place of a sample: the prior should beat it.
     metrics["eval/text_embedding_cos"] = float(np.mean(cosine_similarity(
         examples[TEXT_EMBEDDING], examples[IMAGE_EMBEDDING])))
     return metrics
-
-
-class TrainedPrior(NamedTuple):
-  config: ml_collections.ConfigDict
-  prior: DiffusionPrior
-  params: Any  # EMA params
-  step: int
-  clip_fingerprint: str  # FrozenClip.fingerprint of the CLIP it was trained on
-
-
-def load_prior(workdir: str, step: int | None = None,
-               sharding: Any = None) -> TrainedPrior:
-  """A trained prior from its workdir alone: (config, DiffusionPrior, EMA params,
-  step, clip_fingerprint).
-
-  Sample with `prior.sample(params, z_t, token_encodings, text_mask, rng,
-  num_steps=config.sample.num_steps, guidance_scale=..., num_candidates=...)` on
-  the outputs of the CLIP in `config.clip_workdir` (FrozenClip); compare its
-  fingerprint with `clip_fingerprint` to catch a CLIP retrained since.
-  """
-  config, params, step = frozen.load_trained(workdir, "prior", step, sharding)
-  clip = frozen.read_frozen_clip(workdir, "prior")
-  prior = DiffusionPrior.from_config(
-      config, embed_dim=clip["embed_dim"], text_width=clip["text_width"],
-      context_length=clip["context_length"],
-      stats=(clip["image_embedding_mean"], clip["image_embedding_std"]))
-  return TrainedPrior(config, prior, params, step, clip["fingerprint"])
-

@@ -1,86 +1,39 @@
-"""The upsampler stage: low-res image -> high-res image (DALL-E 2 §2, App. C).
-
-A convolution-only UNet (no attention, no text, no z_i) sees the noisy high-res
-image concatenated with the bilinearly upsampled low-res image. Training makes
-the low-res image inside the jitted loss from the full-resolution batch: the
-configured degradation ('blur' for the 64->256 stage, 'bsr' for 256->1024),
-optional gaussian noise on it, bilinear upsampling back to full size, then one
-random crop of `crop_fraction` of the side, at the same place in the target and
-in the upsampled low-res image. Every random choice comes from the step's rng,
-so the loader only delivers full images. Because the network has only
-convolutions, the params trained on crops run on the full image when sampling
-(DDIM over a respaced schedule, one compiled call).
-
-`Upsampler` (loss and sampler) and `load_upsampler` are what the sampling
-pipeline reuses.
+"""The upsampler stage: trains one upsampler of the cascade on full-resolution
+images (DALL-E 2 §2, App. C). The model, its loss (degradation and random crops
+inside the jitted step) and its sampler are the generator's
+(`generators.upsampler.Upsampler`); this module reads the data, evaluates PSNR
+against bilinear upsampling and writes sample grids.
 """
 import functools
 import logging
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax.data import degradations, pipeline
+from unclip_jax.data import pipeline
+from unclip_jax.data.images import nearest_upscale, to_uint8, write_grid
 from unclip_jax.data.preprocess import center_crop_and_resize
 from unclip_jax.errors import ConfigError
-from unclip_jax.models.unet import UNet
+from unclip_jax.generators import upsampler as upsampler_lib
+from unclip_jax.generators.base import LOW_RES
 from unclip_jax.parallel import distributed
-from unclip_jax.sample import grid
-from unclip_jax.stages import diffusion_common, frozen
-from unclip_jax.stages.base import Stage
+from unclip_jax.parallel.local import map_batches
+from unclip_jax.stages.base import GeneratorStage
 
 log = logging.getLogger(__name__)
 
-DEGRADATIONS = ("blur", "bsr")
+def psnr(images: np.ndarray, reference: np.ndarray,
+         max_db: float = 100.0) -> np.ndarray:
+  """Per-image PSNR in dB of uint8 images [N, H, W, C] against `reference`
+  (identical images give `max_db`)."""
+  error = (np.asarray(images, np.float64) - np.asarray(reference, np.float64))**2
+  mse = error.reshape(len(error), -1).mean(axis=1)
+  return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-30)), max_db)
 
 
-def upsampling_factor(config: ml_collections.ConfigDict) -> int:
-  return config.data.resolution // config.model.low_res
-
-
-def crop_size(config: ml_collections.ConfigDict) -> int:
-  """Side of the training crops, in high-res pixels."""
-  return int(round(config.model.crop_fraction * config.data.resolution))
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """One-line ConfigError for an upsampler config that cannot work."""
-  m, resolution = config.model, config.data.resolution
-  if m.low_res < 1 or resolution % m.low_res or resolution // m.low_res < 2:
-    raise ConfigError(
-        f"data.resolution={resolution} (output side) is not an integer multiple "
-        f">= 2 of model.low_res={m.low_res} (input side); set "
-        f"--config.model.low_res to a divisor of it, e.g. {resolution // 4} for 4x")
-  if not 0 < m.crop_fraction <= 1:
-    raise ConfigError(f"model.crop_fraction={m.crop_fraction}: must be in (0, 1]")
-  crop = m.crop_fraction * resolution
-  if abs(crop - round(crop)) > 1e-6:
-    raise ConfigError(f"model.crop_fraction={m.crop_fraction} x data.resolution="
-                      f"{resolution} = {crop:g} is not a whole number of pixels")
-  multiple = 2**(len(m.channel_mults) - 1)
-  for name, side in (("the crop side (model.crop_fraction x data.resolution)",
-                      round(crop)), ("data.resolution", resolution)):
-    if side % multiple:
-      raise ConfigError(
-          f"{name} = {side} is not divisible by {multiple}, which a UNet with "
-          f"{len(m.channel_mults)} levels (model.channel_mults) needs")
-  for mult in m.channel_mults:
-    if (m.base_channels * mult) % m.norm_groups:
-      raise ConfigError(
-          f"model.norm_groups={m.norm_groups} does not divide the width "
-          f"base_channels x {mult} = {m.base_channels * mult}")
-  if m.degradation not in DEGRADATIONS:
-    raise ConfigError(f"model.degradation={m.degradation!r}: use one of "
-                      f"{DEGRADATIONS}")
-  if m.low_res_noise < 0:
-    raise ConfigError(f"model.low_res_noise={m.low_res_noise} must be >= 0")
-  if not 0 <= m.dropout < 1:
-    raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1)")
-  diffusion_common.validate_diffusion_config(config)
+def validate_eval_config(config: ml_collections.ConfigDict) -> None:
   e = config.eval
   if min(e.loss_examples, e.num_examples, e.batch_size, e.num_samples) < 1:
     raise ConfigError("eval.loss_examples, eval.num_examples, eval.batch_size "
@@ -90,144 +43,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"eval.num_examples={e.num_examples}")
 
 
-def build_unet(config: ml_collections.ConfigDict) -> UNet:
-  """The convolution-only UNet an upsampler config describes."""
-  m = config.model
-  return UNet(base_channels=m.base_channels, channel_mults=tuple(m.channel_mults),
-              num_res_blocks=m.num_res_blocks, attention_resolutions=(),
-              resolution=config.data.resolution, dropout=m.dropout,
-              norm_groups=m.norm_groups, low_res_conditioning=True,
-              dtype=diffusion_common.DTYPES[config.dtype], remat=m.remat)
-
-
-def random_crops(uniforms: jax.Array, images: tuple[jax.Array, ...], size: int
-                 ) -> tuple[jax.Array, ...]:
-  """The same size x size window of every array in `images` (each [B, H, W, C],
-  same B, H, W), a window per example, placed by `uniforms` [B, 2] in [0, 1)."""
-  batch, height, width = images[0].shape[:3]
-  if size == height == width:
-    return images
-  tops = jnp.floor(uniforms[:, 0] * (height - size + 1)).astype(jnp.int32)
-  lefts = jnp.floor(uniforms[:, 1] * (width - size + 1)).astype(jnp.int32)
-
-  def crop(image, top, left):
-    return jax.lax.dynamic_slice(image, (top, left, 0),
-                                 (size, size, image.shape[-1]))
-  return tuple(jax.vmap(crop)(x, tops, lefts) for x in images)
-
-
-class Upsampler:
-  """An upsampler's UNet, noise schedule and degradation: its training loss and
-  its sampler, shared by the stage and the sampling pipeline."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    self.model = build_unet(config)
-    self.factor = upsampling_factor(config)
-    self.crop_size = crop_size(config)
-    self.parameterization = config.diffusion.parameterization
-    self.schedule = diffusion_common.schedule_from_config(config)
-    self._sampler = diffusion_common.make_ddim_sampler(
-        self._apply, self.schedule, parameterization=self.parameterization)
-
-  def init_params(self, rng: jax.Array) -> Any:
-    """Params boxed with logical axis names (the same for any image size)."""
-    x = jnp.zeros((1, self.crop_size, self.crop_size, 3))
-    return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), low_res=x)["params"]
-
-  def degrade(self, rng: jax.Array, images: jax.Array) -> jax.Array:
-    """High-res images [B, H, W, 3] -> their low-res inputs [B, H/f, W/f, 3]."""
-    return degradations.degrade(rng, images, self.config.model.degradation,
-                                self.factor)
-
-  def training_pair(self, rng: jax.Array, images: jax.Array, *, train: bool = True
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Full images [B, R, R, 3] -> (target crops, aligned upsampled low-res
-    crops), both [B, crop, crop, 3]. `train=False`: no low-res noise."""
-    return self._training_inputs(rng, images, train)[:2]
-
-  def _training_inputs(self, rng, images, train):
-    """(target crops, low-res crops, diffusion step indices t [B], diffusion
-    noise [B, crop, crop, 3]), all from rng."""
-    # Two draws for all the randomness but BSR's: each draw is a threefry
-    # kernel, and they dominate this step's compile time on CPU.
-    degrade_rng, uniform_rng, normal_rng = jax.random.split(rng, 3)
-    images = images.astype(jnp.float32)
-    batch, crop = images.shape[0], self.crop_size
-    # Per example: crop top, crop left, low-res noise level, diffusion step.
-    uniforms = jax.random.uniform(uniform_rng, (batch, 4))
-    low_res = self.degrade(degrade_rng, images)
-    max_noise = self.config.model.low_res_noise if train else 0.0
-    crop_numel = crop * crop * images.shape[-1]
-    normals = jax.random.normal(
-        normal_rng, (batch, crop_numel + (low_res[0].size if max_noise else 0)))
-    if max_noise:
-      level = max_noise * uniforms[:, 2, None, None, None]
-      low_res = low_res + level * normals[:, crop_numel:].reshape(low_res.shape)
-    # The UNet's own resize, done before cropping so the crop sees exactly the
-    # pixels the full-size sampler will see there (same-size resize is identity).
-    upsampled = jax.image.resize(low_res, images.shape, "bilinear")
-    target, low_res = random_crops(uniforms[:, :2], (images, upsampled), crop)
-    num_timesteps = self.schedule.num_timesteps
-    t = jnp.minimum((uniforms[:, 3] * num_timesteps).astype(jnp.int32),
-                    num_timesteps - 1)
-    noise = normals[:, :crop_numel].reshape(target.shape)
-    return target, low_res, t, noise
-
-  def _apply(self, params, x_t, t, low_res, drop=None, dropout_rng=None):
-    del drop  # unconditional: no guidance
-    return self.model.apply(
-        {"params": params}, x_t, t, low_res=low_res,
-        deterministic=dropout_rng is None,
-        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-
-  def losses(self, params, images: jax.Array, rng: jax.Array, *,
-             train: bool = True) -> jax.Array:
-    """Per-example diffusion loss [B] on random crops of full images [B, R, R, 3].
-
-    `train=False` (held-out loss): no low-res noise, no dropout.
-    """
-    inputs_rng, dropout_rng = jax.random.split(rng)
-    target, low_res, t, noise = self._training_inputs(inputs_rng, images, train)
-    use_dropout = train and self.model.dropout > 0
-    model_fn = lambda x_t, timesteps: self._apply(
-        params, x_t, timesteps, low_res,
-        dropout_rng=dropout_rng if use_dropout else None)
-    per_example, _ = diffusion_common.image_losses(
-        self.schedule, model_fn, target, None, t=t, noise=noise,
-        parameterization=self.parameterization)
-    return per_example
-
-  def upsample(self, params, low_res: jax.Array, rng: jax.Array, *,
-               num_steps: int | None = None, eta: float | None = None,
-               clip_denoised: bool | None = None) -> jax.Array:
-    """Low-res images [B, h, w, 3] in [-1, 1] -> float32 [B, h*f, w*f, 3] by DDIM
-    (defaults from `config.sample`). Any h, w with h*f, w*f divisible by
-    2^(levels - 1) work: the model is convolutions only."""
-    s = self.config.sample
-    batch, height, width, channels = low_res.shape
-    return self._sampler(
-        params, low_res, rng,
-        shape=(batch, height * self.factor, width * self.factor, channels),
-        num_steps=int(num_steps or s.num_steps),
-        eta=float(s.eta if eta is None else eta),
-        clip_denoised=bool(s.clip_denoised if clip_denoised is None
-                           else clip_denoised))
-
-
-def bilinear_upsample(low_res: jax.Array, factor: int) -> jax.Array:
-  """The baseline: [B, h, w, C] -> [B, h*f, w*f, C], bilinear, clipped to [-1, 1]."""
-  batch, height, width, channels = low_res.shape
-  return jnp.clip(jax.image.resize(
-      low_res, (batch, height * factor, width * factor, channels), "bilinear"),
-                  -1, 1)
-
-
-class UpsamplerStage(Stage):
+class UpsamplerStage(GeneratorStage):
   """Trains one upsampler of the cascade on full-resolution images."""
 
   def validate(self):
-    validate_config(self.config)
+    upsampler_lib.validate_config(self.config)
+    validate_eval_config(self.config)
 
   def prepare(self):
     c = self.config
@@ -237,7 +58,7 @@ class UpsamplerStage(Stage):
       raise ConfigError(
           f"the {c.data.eval_split!r} split has {len(self.eval_source)} images, "
           f"fewer than eval.num_examples={c.eval.num_examples}; lower it")
-    self.upsampler = Upsampler(c)
+    self.build(None)
     self._evaluated = None  # (step, images) of the last evaluation
 
   def _preprocess(self, record):
@@ -247,12 +68,6 @@ class UpsamplerStage(Stage):
       image = center_crop_and_resize(side)(record)[pipeline.IMAGE]
     return {pipeline.IMAGE: image}
 
-  def init_params(self, rng):
-    return self.upsampler.init_params(rng)
-
-  def loss(self, params, batch, rng):
-    return self.upsampler.losses(params, batch[pipeline.IMAGE], rng).mean(), {}
-
   def train_iterator(self):
     return pipeline.make_train_iterator(
         self.train_source, global_batch_size=self.config.batch_size,
@@ -260,12 +75,12 @@ class UpsamplerStage(Stage):
 
   @functools.cached_property
   def _eval_losses(self):
-    return jax.jit(lambda params, images, rng: self.upsampler.losses(
-        params, images, rng, train=False))
+    return jax.jit(lambda params, images, rng: self.generator.losses(
+        params, {pipeline.IMAGE: images}, rng, train=False)[0])
 
   @functools.cached_property
   def _degrade(self):
-    return jax.jit(self.upsampler.degrade)
+    return jax.jit(self.generator.degrade)
 
   def eval_examples(self) -> list[int]:
     """A fixed random subset of the held-out split: the images upsampled."""
@@ -288,14 +103,15 @@ class UpsamplerStage(Stage):
 
     def upsample(batch, start):
       low_res = self._degrade(jax.random.fold_in(rng, start), batch["truth"])
-      sample = self.upsampler.upsample(
-          params, low_res, jax.random.fold_in(jax.random.fold_in(rng, start), 1))
+      sample = self.generator.sample(
+          params, {LOW_RES: low_res},
+          jax.random.fold_in(jax.random.fold_in(rng, start), 1))
       return {"low_res": low_res, "sample": sample,
-              "bilinear": bilinear_upsample(low_res, self.upsampler.factor)}
-    out = diffusion_common.map_batches(upsample, {"truth": truth},
-                                       c.eval.batch_size)
-    images = {k: grid.to_uint8(v) for k, v in out.items()}
-    images["truth"] = grid.to_uint8(truth)
+              "bilinear": upsampler_lib.bilinear_upsample(low_res,
+                                                          self.generator.factor)}
+    out = map_batches(upsample, {"truth": truth}, c.eval.batch_size)
+    images = {k: to_uint8(v) for k, v in out.items()}
+    images["truth"] = to_uint8(truth)
     self._evaluated = (step, images)
     return images
 
@@ -314,9 +130,9 @@ class UpsamplerStage(Stage):
     return {
         "eval/loss": float(np.average(np.concatenate(losses),
                                       weights=np.concatenate(weights))),
-        "eval/psnr": float(np.mean(diffusion_common.psnr(images["sample"],
+        "eval/psnr": float(np.mean(psnr(images["sample"],
                                                          images["truth"]))),
-        "eval/psnr_bilinear": float(np.mean(diffusion_common.psnr(
+        "eval/psnr_bilinear": float(np.mean(psnr(
             images["bilinear"], images["truth"]))),
     }
 
@@ -327,22 +143,10 @@ class UpsamplerStage(Stage):
     if jax.process_index() != 0:
       return
     count = self.config.eval.num_samples
-    low_res = grid.nearest_upscale(images["low_res"][:count], self.upsampler.factor)
+    low_res = nearest_upscale(images["low_res"][:count], self.generator.factor)
     tiles = np.stack([low_res, images["bilinear"][:count],
                       images["sample"][:count], images["truth"][:count]], axis=1)
     path = os.path.join(self.workdir, "samples", f"step_{step}.png")
-    grid.write_grid(path, tiles.reshape((-1,) + tiles.shape[2:]), rows=count,
+    write_grid(path, tiles.reshape((-1,) + tiles.shape[2:]), rows=count,
                     cols=4)
     log.info("wrote %s", path)
-
-
-def load_upsampler(workdir: str, step: int | None = None,
-                   sharding: jax.sharding.Sharding | None = None
-                   ) -> tuple[ml_collections.ConfigDict, Upsampler, Any, int]:
-  """A trained upsampler from its workdir: (config, Upsampler, EMA params, step).
-
-  Upsample with `upsampler.upsample(params, low_res, rng)`: low_res [B, h, w, 3]
-  in [-1, 1] -> [B, h * f, w * f, 3], f = data.resolution // model.low_res.
-  """
-  config, params, step = frozen.load_trained(workdir, "upsampler", step, sharding)
-  return config, Upsampler(config), params, step

@@ -8,10 +8,11 @@ import ml_collections
 
 from unclip_jax.errors import ConfigError, WorkdirError
 from unclip_jax.models import remat
+from unclip_jax.models.precision import DTYPES
 from unclip_jax.parallel.mesh import resolve_shape
 
 # Fields whose change makes an existing workdir's checkpoints unusable.
-_IDENTITY_FIELDS = ("stage", "model", "data.name", "data.resolution",
+_IDENTITY_FIELDS = ("stage", "model", "diffusion", "data.name", "data.resolution",
                     "data.num_emoji", "tokenizer")
 # Model fields that change memory and speed, never the params: a run may
 # resume with other values.
@@ -37,8 +38,8 @@ def check_common(config: ml_collections.ConfigDict,
                    else num_processes)
   _positive(config, "total_steps", "batch_size", "log_every", "eval_every",
             "checkpoint_every", "optim.lr")
-  if config.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"dtype={config.dtype!r}: use one of {sorted(DTYPES)}")
   for field in _MEMORY_ONLY_MODEL_FIELDS:
     value = config.get("model", {}).get(field)
     if value is not None and not isinstance(value, bool) and (

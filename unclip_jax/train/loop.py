@@ -8,12 +8,12 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import stages
+from unclip_jax.checkpoints import manager as checkpoint
 from unclip_jax.errors import Preempted
-from unclip_jax.parallel import coverage, distributed
+from unclip_jax.parallel import distributed
 from unclip_jax.parallel import mesh as mesh_lib
-from unclip_jax.parallel import partitioning
-from unclip_jax.train import checkpoint, config_checks, optim, progress, state
-from unclip_jax.train import step as step_lib
+from unclip_jax.train import config_checks, progress
+from unclip_jax.train import setup as setup_lib
 from unclip_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -22,20 +22,6 @@ log = logging.getLogger(__name__)
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
   fetched = jax.device_get(history)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-
-
-def check_sharding(init_params, mesh, rules, config, rng) -> None:
-  """Refuses (ConfigError) an FSDP mesh that would leave too many parameter
-  bytes whole on every device; logs the per-device parameter memory."""
-  abstract = jax.eval_shape(init_params, rng)
-  coverage.check_coverage(abstract, mesh, rules, config.mesh.get(
-      "max_replicated_fraction", coverage.MAX_REPLICATED_FRACTION))
-  found = coverage.summary(abstract, mesh, rules)
-  log.info("mesh %s: %.3g params (%.1f MiB), %.1f MiB per device, %.1f%% "
-           "replicated", dict(mesh.shape), found["params"],
-           found["param_bytes"] / 2**20,
-           found["param_bytes_per_device"] / 2**20,
-           100 * found["replicated_fraction"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -49,38 +35,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   stage.validate()
   config_checks.prepare_workdir(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.dcn_shape)
-  rules = partitioning.rules_from_config(config.mesh.rules)
   stage.prepare()
 
-  tx = optim.make_optimizer(config.optim, config.total_steps)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  check_sharding(stage.init_params, mesh, rules, config, init_rng)
   manager = checkpoint.make_manager(workdir, config)
-  iterator = stage.train_iterator()
   latest = manager.latest_step()
+  if latest is not None and latest >= config.total_steps:
+    log.info("already trained to step %d; raise --config.total_steps to "
+             "train longer", latest)
+    manager.close()
+    return {}
+  run = setup_lib.setup(config, stage, mesh)
+  iterator = stage.train_iterator()
   if latest is None:
-    train_state, shardings = state.sharded_init(
-        stage.init_params, tx, mesh, rules, init_rng)
+    train_state = run.init_state(init_rng)
   else:
-    target, shardings = state.abstract_state(stage.init_params, tx, mesh,
-                                             rules, init_rng)
-    train_state = checkpoint.restore(manager, latest, target, iterator)
+    train_state = checkpoint.restore(manager, latest, run.abstract_state, iterator)
     log.info("resumed from step %d in %s", latest, workdir)
-    if latest >= config.total_steps:
-      log.info("already trained to step %d; raise --config.total_steps to "
-               "train longer", latest)
-      manager.close()
-      return {}
 
   first = next(iterator)
-  abstract_batch, batch_shardings = partitioning.abstract_global_batch(
-      first, mesh, rules)
-  compiled, step_flops = step_lib.compile_train_step(
-      stage.loss, tx, config, mesh, rules, shardings, batch_shardings,
-      train_state, abstract_batch, train_rng)
+  setup_lib.check_batch(first, run.abstract_batch, jax.process_count())
   meter = progress.Progress(
       total_steps=config.total_steps, batch_size=config.batch_size,
-      flops_per_step_per_device=step_flops / mesh.size,
+      flops_per_step_per_device=run.flops_per_step / mesh.size,
       peak_flops=progress.peak_flops_per_device(config.get("peak_flops")))
 
   writer = MetricWriter(workdir)
@@ -88,10 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   history, eval_metrics, batch = [], {}, first
   meter.start(step)
   while step < config.total_steps:
-    global_batch = jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(s, x),
-        batch, batch_shardings)
-    train_state, metrics = compiled(train_state, global_batch, train_rng)
+    train_state, metrics = run.step(train_state, run.global_batch(batch), train_rng)
     history.append(metrics)
     step += 1
     last = step == config.total_steps
@@ -103,7 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       writer.write(step, summary)
     if step % config.eval_every == 0 or last:
       began = time.perf_counter()
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(run.rules):
         eval_metrics = stage.evaluate(train_state.ema_params, step)
         stage.write_samples(train_state.ema_params, step)
       writer.write(step, eval_metrics)

@@ -1,11 +1,12 @@
-"""The prior's model: its transformer, embedding scaler, loss and sampler (§2.1).
+"""The diffusion prior: caption -> CLIP image embedding z_i (DALL-E 2 §2.1).
 
 A causal transformer (models/prior.py) over [caption token encodings, z_t, timestep,
-noised z_i, query] predicts the clean z_i ('x0' parameterisation) with an MSE loss,
-on z_i standardised per dimension (or scaled by a constant). The caption is replaced
-by learned null embeddings at `model.text_drop_prob`, for classifier-free guidance.
-Sampling is DDIM over a respaced schedule with N candidates per caption in one
-batch, keeping the one whose direction best matches z_t; one compiled function.
+noised z_i, query] predicts the clean z_i (`diffusion.parameterization` "x0", the
+paper's) with an MSE loss, on z_i standardised per dimension (or scaled by a
+constant). The caption is replaced by learned null embeddings at
+`model.text_drop_prob`, for classifier-free guidance. Sampling is DDIM over a
+respaced schedule with N candidates per caption in one batch, keeping the one whose
+direction best matches z_t; one compiled function.
 """
 import math
 from typing import Any
@@ -18,13 +19,29 @@ import numpy as np
 
 from unclip_jax import diffusion
 from unclip_jax.errors import ConfigError
+from unclip_jax.generators import common
+from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
+                                        TEXT_ENCODINGS, TEXT_MASK, ClipSizes,
+                                        Generator)
 from unclip_jax.models.clip import l2_normalize
+from unclip_jax.models.precision import DTYPES
 from unclip_jax.models.prior import PriorTransformer
-from unclip_jax.stages.clip import DTYPES
-from unclip_jax.stages.embedding_cache import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
-                                               TEXT_ENCODINGS, TEXT_MASK)
 
-PARAMETERIZATION = "x0"  # the paper's prior predicts z_i itself, not the noise
+DROP_TEXT = "drop_text"  # optional conditioning: bool [B], sample without the caption
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for a prior config that cannot work."""
+  m = config.model
+  if m.width % m.num_heads:
+    raise ConfigError(f"model.width={m.width} does not divide into "
+                      f"model.num_heads={m.num_heads} heads")
+  if not 0.0 <= m.text_drop_prob < 1.0:
+    raise ConfigError(f"model.text_drop_prob={m.text_drop_prob}: must be in [0, 1)")
+  make_scaler(m.embedding_scale, 1, stats=(np.zeros(1), np.ones(1)))  # parses
+  common.validate_diffusion_config(config)
+  if config.sample.num_candidates < 1:
+    raise ConfigError("sample.num_candidates must be >= 1")
 
 
 def build_prior_model(config: ml_collections.ConfigDict, *, embed_dim: int,
@@ -97,32 +114,45 @@ def select_best_candidate(candidates: jax.Array, text_embedding: jax.Array) -> j
   return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
 
 
-class DiffusionPrior:
+class Prior(Generator):
   """The prior's model, noise schedule and embedding scaler: its training loss and
-  its sampler, shared by the stage and the sampling pipeline."""
+  its sampler."""
 
-  def __init__(self, model: PriorTransformer, scaler: EmbeddingScaler, *,
-               schedule: str = "cosine", num_timesteps: int = 1000,
-               text_drop_prob: float = 0.1):
+  def __init__(self, config: ml_collections.ConfigDict, model: PriorTransformer,
+               scaler: EmbeddingScaler, clip_context: int):
+    self.config = config
+    self.clip_context = clip_context  # tokens per caption in the CLIP's outputs
     self.model = model
     self.scaler = scaler
-    self.schedule = diffusion.make_schedule(schedule, num_timesteps)
-    self.text_drop_prob = text_drop_prob
+    self.schedule = common.schedule_from_config(config)
+    self.parameterization = config.diffusion.parameterization
+    self.text_drop_prob = config.model.text_drop_prob
     # One compiled function per (shapes, num_steps, guidance_scale, candidates, eta).
-    self.sample = jax.jit(self._sample, static_argnames=(
+    self._sampler = jax.jit(self._sample, static_argnames=(
         "num_steps", "guidance_scale", "num_candidates", "eta"))
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, *, embed_dim: int,
-                  text_width: int, context_length: int,
-                  stats: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> "DiffusionPrior":
-    model = build_prior_model(config, embed_dim=embed_dim, text_width=text_width,
-                              context_length=context_length)
-    return cls(model, make_scaler(config.model.embedding_scale, embed_dim, stats),
-               schedule=config.diffusion.schedule,
-               num_timesteps=config.diffusion.num_timesteps,
-               text_drop_prob=config.model.text_drop_prob)
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  clip_sizes: ClipSizes | None) -> "Prior":
+    validate_config(config)
+    if clip_sizes is None:
+      raise ConfigError("the prior reads a CLIP: give its sizes (clip_sizes)")
+    model = build_prior_model(config, embed_dim=clip_sizes.embed_dim,
+                              text_width=clip_sizes.text_width,
+                              context_length=clip_sizes.context_length)
+    scaler = make_scaler(config.model.embedding_scale, clip_sizes.embed_dim,
+                         clip_sizes.image_embedding_stats())
+    return cls(config, model, scaler, clip_sizes.context_length)
+
+  def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """What the embedding cache delivers (at the CLIP's full context)."""
+    dim, context, width = (self.model.embed_dim, self.clip_context,
+                           self.model.text_width)
+    return {IMAGE_EMBEDDING: jax.ShapeDtypeStruct((batch_size, dim), jnp.float32),
+            TEXT_EMBEDDING: jax.ShapeDtypeStruct((batch_size, dim), jnp.float32),
+            TEXT_ENCODINGS: jax.ShapeDtypeStruct((batch_size, context, width),
+                                                 jnp.float16),
+            TEXT_MASK: jax.ShapeDtypeStruct((batch_size, context), jnp.bool_)}
 
   def init_params(self, rng: jax.Array) -> Any:
     """Params boxed with logical axis names."""
@@ -152,8 +182,8 @@ class DiffusionPrior:
     return model_fn
 
   def losses(self, params, batch, rng: jax.Array, *, train: bool = True
-             ) -> tuple[jax.Array, jax.Array]:
-    """Per-example MSE to the scaled z_i [B] and the text-drop mask [B].
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example MSE to the scaled z_i [B], and `text_dropped` [B].
 
     `train=False`: no caption dropped, no dropout (held-out loss).
     """
@@ -170,16 +200,32 @@ class DiffusionPrior:
     x0 = self.scaler.to_model(batch[IMAGE_EMBEDDING].astype(jnp.float32))
     per_example, _ = diffusion.training_losses(
         self.schedule, lambda x_t, t: conditional(x_t, t, drop), x0, diffusion_rng,
-        parameterization=PARAMETERIZATION)
-    return per_example, drop
+        parameterization=self.parameterization)
+    return per_example, {"text_dropped": drop}
+
+  def sample(self, params, conditioning, rng: jax.Array, *,
+             num_steps: int | None = None, guidance_scale: float | None = None,
+             x_T: jax.Array | None = None, num_candidates: int | None = None,
+             eta: float | None = None) -> jax.Array:
+    """Image embeddings float32 [B, D] in CLIP space (not renormalised) for
+    captions given as `conditioning`: z_t [B, D] (`text_embedding`), token
+    encodings [B, L, W] (`text_encodings`), their mask bool [B, L] (`text_mask`)
+    and optionally `drop_text` bool [B] (rows sampled without their caption, e.g.
+    an empty prompt). `x_T` [num_candidates * B, D]: the starting noise, candidate
+    c of caption b in row c * B + b. Options left None take `config.sample`."""
+    s = self.config.sample
+    return self._sampler(
+        params, conditioning[TEXT_EMBEDDING], conditioning[TEXT_ENCODINGS],
+        conditioning[TEXT_MASK], rng, drop_text=conditioning.get(DROP_TEXT),
+        x_T=x_T, num_steps=int(num_steps or s.num_steps),
+        guidance_scale=float(s.guidance_scale if guidance_scale is None
+                             else guidance_scale),
+        num_candidates=int(num_candidates or s.num_candidates),
+        eta=float(s.eta if eta is None else eta))
 
   def _sample(self, params, text_embedding, text_encodings, text_mask, rng, *,
-              num_steps: int, guidance_scale: float = 1.0, num_candidates: int = 2,
-              eta: float = 0.0, drop_text: jax.Array | None = None) -> jax.Array:
-    """Image embeddings [B, D] in CLIP space (not renormalised) for captions given
-    as z_t [B, D], token encodings [B, L, W] and their mask bool [B, L].
-    `drop_text` bool [B]: rows sampled unconditionally (the learned null caption
-    in place of theirs, e.g. for an empty prompt)."""
+              drop_text, x_T, num_steps: int, guidance_scale: float,
+              num_candidates: int, eta: float) -> jax.Array:
     batch_size = text_embedding.shape[0]
     # Candidates run as one batch: row c * B + b is candidate c of caption b.
     tiled = diffusion.match_batch((text_embedding, text_encodings, text_mask),
@@ -193,7 +239,7 @@ class DiffusionPrior:
     x = diffusion.ddim_sample(
         model_fn, diffusion.respace(self.schedule, num_steps),
         shape=(num_candidates * batch_size, self.model.embed_dim), rng=rng,
-        parameterization=PARAMETERIZATION, eta=eta)
+        parameterization=self.parameterization, eta=eta, x_T=x_T)
     candidates = self.scaler.from_model(x).reshape(
         num_candidates, batch_size, self.model.embed_dim)
     return select_best_candidate(candidates, text_embedding)

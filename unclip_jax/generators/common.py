@@ -1,9 +1,9 @@
-"""What the image diffusion stages (decoder, upsamplers) share: the schedule and
-its checks from config, the training loss on images, one compiled DDIM sampler,
-batched evaluation, PSNR.
+"""What every diffusion generator shares: the config checks (diffusion, sample,
+UNet sizes), the schedule from config, the training loss on images, and one
+compiled DDIM sampler and inverter.
 
-A stage's config has `diffusion.{schedule, num_timesteps, parameterization}` and
-`sample.{num_steps, eta}`; these helpers read only those fields.
+A generator's config has `diffusion.{schedule, num_timesteps, parameterization}`
+and `sample.{num_steps, eta}`: the parameterisation is set there and only there.
 """
 from typing import Any, Callable
 
@@ -11,45 +11,67 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from unclip_jax import diffusion
 from unclip_jax.errors import ConfigError
 from unclip_jax.models.unet_blocks import IMAGE_AXES
-from unclip_jax.parallel import distributed
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SCHEDULES = ("cosine", "linear")
 
 # apply_fn(params, x_t [B, H, W, C], t int32 [B] original timesteps, condition
 # (a pytree of [B, ...] arrays, or None), drop bool [B]) -> model output.
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], jax.Array]
 
 
-def validate_diffusion_config(config: ml_collections.ConfigDict, *,
-                              parameterization_field: str | None = None) -> None:
-  """One-line ConfigError for bad `diffusion.*` / `sample.*` values.
-
-  `parameterization_field` (e.g. "model.parameterization"): where a stage keeps
-  its parameterisation, if not in `diffusion.parameterization`.
-  """
+def validate_diffusion_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for bad `diffusion.*` / `sample.*` values."""
   d, s = config.diffusion, config.sample
-  if d.schedule not in SCHEDULES:
-    raise ConfigError(f"diffusion.schedule={d.schedule!r}: use one of {SCHEDULES}")
-  field = parameterization_field or "diffusion.parameterization"
-  parameterization = config
-  for part in field.split("."):
-    parameterization = parameterization[part]
-  if parameterization not in diffusion.PARAMETERIZATIONS:
-    raise ConfigError(f"{field}={parameterization!r}: use one of "
-                      f"{tuple(diffusion.PARAMETERIZATIONS)}")
+  if d.schedule not in diffusion.SCHEDULES:
+    raise ConfigError(f"diffusion.schedule={d.schedule!r}: use one of "
+                      f"{diffusion.SCHEDULES}")
+  if d.parameterization not in diffusion.PARAMETERIZATIONS:
+    raise ConfigError(f"diffusion.parameterization={d.parameterization!r}: use one "
+                      f"of {tuple(diffusion.PARAMETERIZATIONS)}")
   if d.num_timesteps < 1:
     raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps} must be >= 1")
   if not 1 <= s.num_steps <= d.num_timesteps:
     raise ConfigError(f"sample.num_steps={s.num_steps}: must be in "
                       f"[1, diffusion.num_timesteps={d.num_timesteps}]")
-  if s.eta < 0:
+  if s.get("eta", 0.0) < 0:
     raise ConfigError(f"sample.eta={s.eta} must be >= 0")
+
+
+def check_unet_config(config: ml_collections.ConfigDict, *,
+                      sides: tuple[int, ...] | None = None) -> None:
+  """One-line ConfigError for a UNet (`config.model`) that cannot be built at
+  `data.resolution` (and every side in `sides`, e.g. an upsampler's crops):
+  levels vs side, norm groups and head widths vs channels, attention sides."""
+  m, side = config.model, config.data.resolution
+  levels = len(m.channel_mults)
+  multiple = 2**(levels - 1)
+  for name, value in (("data.resolution", side),
+                      *(("the crop side (model.crop_fraction x data.resolution)", s) for s in sides or ())):
+    if value % multiple:
+      raise ConfigError(f"{name} = {value} is not divisible by {multiple}, which a "
+                        f"UNet with {levels} levels (model.channel_mults) needs")
+  level_of_side = {side // 2**level: level for level in range(levels)}
+  attention = tuple(m.get("attention_resolutions", ()))
+  unknown = [s for s in attention if s not in level_of_side]
+  if unknown:
+    raise ConfigError(f"model.attention_resolutions {unknown} are not feature-map "
+                      f"sides {sorted(level_of_side)} of a {side} px UNet; pick "
+                      "from those")
+  attended = {level_of_side[s] for s in attention}
+  if attended:
+    attended.add(levels - 1)  # the middle block's attention
+  for level, mult in enumerate(m.channel_mults):
+    width = m.base_channels * mult
+    if width % m.norm_groups:
+      raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide the width "
+                        f"base_channels x {mult} = {width}")
+    if level in attended and width % m.head_channels:
+      raise ConfigError(f"model.head_channels={m.head_channels} does not divide the "
+                        f"width {width} of an attention level")
+  if not 0 <= m.get("dropout", 0.0) < 1:
+    raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1)")
 
 
 def schedule_from_config(config: ml_collections.ConfigDict) -> diffusion.Schedule:
@@ -144,27 +166,3 @@ def _guided_model(apply_fn, params, condition, guidance_scale, learned_variance)
                     drop)
   return diffusion.guided(conditional, guidance_scale,
                           learned_variance=learned_variance)
-
-
-def map_batches(fn: Callable[[dict, int], Any], arrays: dict[str, np.ndarray],
-                batch_size: int) -> Any:
-  """fn(batch, start) over `arrays` (same-length [N, ...] numpy) in chunks of
-  `batch_size` rows; the last chunk is padded by repeating its final row, so one
-  compiled shape serves every call. Returns fn's outputs (an array or a pytree
-  of [batch_size, ...] arrays) concatenated to N rows, as numpy."""
-  total = len(next(iter(arrays.values())))
-  outputs = []
-  for start in range(0, total, batch_size):
-    rows = np.minimum(np.arange(start, start + batch_size), total - 1)
-    out = distributed.to_host(fn({k: v[rows] for k, v in arrays.items()}, start))
-    outputs.append(jax.tree.map(lambda x: np.asarray(x)[:total - start], out))
-  return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
-
-def psnr(images: np.ndarray, reference: np.ndarray,
-         max_db: float = 100.0) -> np.ndarray:
-  """Per-image PSNR in dB of uint8 images [N, H, W, C] against `reference`
-  (identical images give `max_db`)."""
-  error = (np.asarray(images, np.float64) - np.asarray(reference, np.float64))**2
-  mse = error.reshape(len(error), -1).mean(axis=1)
-  return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-30)), max_db)

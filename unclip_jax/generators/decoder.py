@@ -1,4 +1,4 @@
-"""The decoder's model: its UNet, training loss and guided sampler (DALL-E 2 §2).
+"""The decoder: CLIP image embedding z_i (+ caption) -> base image (DALL-E 2 §2).
 
 A GLIDE/ADM UNet (models/unet.py) sees z_i twice: projected and added to the
 timestep embedding, and projected into `model.num_image_tokens` context tokens that
@@ -7,7 +7,7 @@ pathway) in every attention layer. For classifier-free guidance, z_i is replaced
 a learned null embedding and the caption by the empty caption, independently, at
 the config's rates. The loss is the MSE to the noise, v or x0, plus improved DDPM's
 VLB term when the variance is learned. Sampling is guided DDIM over a respaced
-schedule, one compiled function.
+schedule, one compiled function; `invert` runs its eta=0 ODE the other way.
 """
 from typing import Any, Sequence
 
@@ -15,12 +15,32 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from unclip_jax.data import pipeline
+from unclip_jax.errors import ConfigError
+from unclip_jax.generators import common
+from unclip_jax.generators.base import (IMAGE, IMAGE_EMBEDDING, TOKENS, ClipSizes,
+                                        Generator)
+from unclip_jax.models.precision import DTYPES
 from unclip_jax.models.unet import UNet
-from unclip_jax.stages import diffusion_common
-from unclip_jax.stages.embedding_cache import IMAGE_EMBEDDING, TOKENS
 
-IMAGE = pipeline.IMAGE
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for a decoder config that cannot work (CLIP not read)."""
+  m = config.model
+  common.check_unet_config(config)
+  if m.text_depth < 1:
+    raise ConfigError(f"model.text_depth={m.text_depth}: the decoder reads the caption "
+                      "through its own text transformer; use >= 1")
+  if m.text_width % m.text_heads:
+    raise ConfigError(f"model.text_width={m.text_width} does not divide into "
+                      f"model.text_heads={m.text_heads} heads")
+  if m.get("text_context") is not None and m.text_context < 1:
+    raise ConfigError(f"model.text_context={m.text_context} must be >= 1 (or unset)")
+  for name in ("image_embedding_drop_prob", "text_drop_prob"):
+    if not 0.0 <= m[name] < 1.0:
+      raise ConfigError(f"model.{name}={m[name]}: must be in [0, 1)")
+  if m.vlb_weight < 0:
+    raise ConfigError(f"model.vlb_weight={m.vlb_weight} must be >= 0")
+  common.validate_diffusion_config(config)
 
 
 def build_unet(config: ml_collections.ConfigDict, *, image_embedding_dim: int,
@@ -40,7 +60,7 @@ def build_unet(config: ml_collections.ConfigDict, *, image_embedding_dim: int,
       num_image_tokens=m.num_image_tokens, vocab_size=vocab_size,
       context_length=m.get("text_context") or context_length,
       text_width=m.text_width, text_depth=m.text_depth, text_heads=m.text_heads,
-      dtype=diffusion_common.DTYPES[config.dtype], remat=m.remat)
+      dtype=DTYPES[config.dtype], remat=m.remat)
 
 
 def fit_context(tokens: jax.Array, length: int) -> jax.Array:
@@ -83,9 +103,9 @@ def training_draws(rng: jax.Array, batch_size: int, image_shape: Sequence[int], 
           "noise": jax.random.normal(normal_rng, (batch_size, *image_shape))}
 
 
-class Decoder:
-  """The decoder's UNet and noise schedule: its training loss and its guided
-  sampler, shared by the stage and the sampling pipeline."""
+class Decoder(Generator):
+  """The decoder's UNet and noise schedule: its training loss, its guided sampler
+  and its DDIM inversion."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_embedding_dim: int,
                vocab_size: int, context_length: int):
@@ -94,15 +114,35 @@ class Decoder:
     self.model = build_unet(config, image_embedding_dim=image_embedding_dim,
                             vocab_size=vocab_size, context_length=context_length)
     self.image_embedding_dim = image_embedding_dim
+    self.clip_context = context_length  # caption tokens the CLIP's tokenizer gives
     self.context_length = self.model.context_length  # caption tokens read
     self.resolution = config.data.resolution
-    self.parameterization = m.parameterization
+    self.parameterization = config.diffusion.parameterization
     self.learned_variance = bool(m.learned_variance)
     self.coordinate_channels = bool(m.get("coordinate_channels"))
-    self.schedule = diffusion_common.schedule_from_config(config)
-    self._sampler = diffusion_common.make_ddim_sampler(
-        self.apply, self.schedule, parameterization=self.parameterization,
-        learned_variance=self.learned_variance)
+    self.schedule = common.schedule_from_config(config)
+    kwargs = dict(parameterization=self.parameterization,
+                  learned_variance=self.learned_variance)
+    self._sampler = common.make_ddim_sampler(self.apply, self.schedule, **kwargs)
+    self._inverter = common.make_ddim_inverter(self.apply, self.schedule, **kwargs)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  clip_sizes: ClipSizes | None) -> "Decoder":
+    validate_config(config)
+    if clip_sizes is None:
+      raise ConfigError("the decoder reads a CLIP: give its sizes (clip_sizes)")
+    return cls(config, image_embedding_dim=clip_sizes.embed_dim,
+               vocab_size=clip_sizes.vocab_size,
+               context_length=clip_sizes.context_length)
+
+  def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    side = self.resolution
+    return {IMAGE: jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32),
+            IMAGE_EMBEDDING: jax.ShapeDtypeStruct(
+                (batch_size, self.image_embedding_dim), jnp.float32),
+            TOKENS: jax.ShapeDtypeStruct((batch_size, self.clip_context),
+                                         jnp.int32)}
 
   def init_params(self, rng: jax.Array) -> Any:
     """Params boxed with logical axis names."""
@@ -151,7 +191,7 @@ class Decoder:
     model_fn = lambda x_t, t: self.apply(
         params, x_t, t, condition, draws["drop_image_embedding"], draws["drop_text"],
         dropout_rng=dropout_rng if use_dropout else None)
-    per_example, aux = diffusion_common.image_losses(
+    per_example, aux = common.image_losses(
         self.schedule, model_fn, images, None, t=draws["t"], noise=draws["noise"],
         parameterization=self.parameterization,
         learned_variance=self.learned_variance, vlb_weight=m.vlb_weight)
@@ -160,31 +200,53 @@ class Decoder:
     aux["text_dropped"] = draws["drop_text"]
     return per_example, aux
 
-  def sample(self, params, image_embedding, tokens, rng: jax.Array, *,
-             num_steps: int | None = None, guidance_scale: float | None = None,
-             eta: float | None = None, clip_denoised: bool | None = None,
-             threshold_percentile: float | None = None) -> jax.Array:
-    """Images float32 [B, R, R, 3] (roughly in [-1, 1]) for CLIP image embeddings
-    z_i [B, D] and caption tokens int [B, L] (CLIP's tokenizer; None: the empty
-    caption), by guided DDIM in one compiled call.
+  def _condition(self, conditioning) -> tuple[jax.Array, jax.Array]:
+    """(z_i float32 [B, D], tokens int32 [B, context]); no tokens: the empty
+    caption."""
+    image_embedding = jnp.asarray(conditioning[IMAGE_EMBEDDING], jnp.float32)
+    tokens = conditioning.get(TOKENS)
+    if tokens is None:
+      tokens = jnp.zeros((image_embedding.shape[0], self.context_length), jnp.int32)
+    return image_embedding, fit_context(tokens, self.context_length)
 
-    Defaults come from `config.sample`. Guidance mixes the conditional output with
-    the one where z_i and the caption are both dropped. The same rng gives the
-    same x_T, whatever the condition (fix it to interpolate between z_i).
+  def sample(self, params, conditioning, rng: jax.Array, *,
+             num_steps: int | None = None, guidance_scale: float | None = None,
+             x_T: jax.Array | None = None, eta: float | None = None,
+             clip_denoised: bool | None = None,
+             threshold_percentile: float | None = None) -> jax.Array:
+    """Images float32 [B, R, R, 3] (roughly in [-1, 1]) for `conditioning`: CLIP
+    image embeddings z_i [B, D] (`image_embedding`) and caption tokens int [B, L]
+    (`tokens`, CLIP's tokenizer; absent or None: the empty caption), by guided
+    DDIM in one compiled call.
+
+    Options left None take `config.sample`. Guidance mixes the conditional output
+    with the one where z_i and the caption are both dropped. `x_T` [B, R, R, 3]:
+    the starting noise (else drawn from rng, the same whatever the condition).
     """
     s = self.config.sample
-    image_embedding = jnp.asarray(image_embedding, jnp.float32)
-    batch_size = image_embedding.shape[0]
-    if tokens is None:
-      tokens = jnp.zeros((batch_size, self.context_length), jnp.int32)
+    condition = self._condition(conditioning)
     side = self.resolution
     return self._sampler(
-        params, (image_embedding, fit_context(tokens, self.context_length)), rng,
-        shape=(batch_size, side, side, 3),
+        params, condition, rng, shape=(condition[0].shape[0], side, side, 3),
         num_steps=int(num_steps or s.num_steps),
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
         eta=float(s.eta if eta is None else eta),
         clip_denoised=bool(s.clip_denoised if clip_denoised is None
                            else clip_denoised),
-        threshold_percentile=threshold_percentile)
+        threshold_percentile=threshold_percentile, x_T=x_T)
+
+  def invert(self, params, conditioning, images: jax.Array, *,
+             num_steps: int | None = None, guidance_scale: float | None = None,
+             fixed_point_iterations: int = 2) -> jax.Array:
+    """x_T float32 [B, R, R, 3] of images [B, R, R, 3] in [-1, 1] under the eta=0
+    sampler: `sample(..., x_T=x_T, eta=0, clip_denoised=False)` with the same
+    conditioning, steps and guidance gives the images back (to the ODE's
+    discretisation error)."""
+    s = self.config.sample
+    return self._inverter(
+        params, self._condition(conditioning), images,
+        num_steps=int(num_steps or s.num_steps),
+        guidance_scale=float(s.guidance_scale if guidance_scale is None
+                             else guidance_scale),
+        fixed_point_iterations=fixed_point_iterations)

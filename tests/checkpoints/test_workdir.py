@@ -1,4 +1,5 @@
-"""load_trained: only the EMA params of a checkpoint, any mesh, one-line errors."""
+"""StageWorkdir: only the EMA params of a checkpoint, any mesh, one-line errors,
+and a checkpoint of another parameter layout refused."""
 import json
 import os
 
@@ -11,9 +12,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import clip as clip_config
 from unclip_jax.errors import WorkdirError
 from unclip_jax.parallel.mesh import make_mesh
-from unclip_jax.stages import frozen
-from unclip_jax.train import checkpoint
+from unclip_jax.checkpoints import manager as checkpoint
+from unclip_jax.checkpoints.workdir import StageWorkdir
 from unclip_jax.train.state import TrainState
+
+
+def _load(workdir, stage, step=None, sharding=None, expected=None):
+  """(config, EMA params, step), as generators.load reads them."""
+  with StageWorkdir(workdir, stage) as reader:
+    step = reader.step(step)
+    return (reader.config,
+            reader.restore_ema_params(step, sharding, expected=expected), step)
 
 
 def _write_run(workdir, stage="clip", steps=(1, 2)):
@@ -42,7 +51,7 @@ def _write_run(workdir, stage="clip", steps=(1, 2)):
 def test_restores_only_ema_params_replicated(tmp_path):
   workdir = str(tmp_path / "run")
   _write_run(workdir)
-  config, ema, step = frozen.load_trained(workdir, "clip")
+  config, ema, step = _load(workdir, "clip")
   assert config.stage == "clip" and step == 2
   assert set(ema) == {"dense"} and set(ema["dense"]) == {"kernel"}
   kernel = ema["dense"]["kernel"]
@@ -50,7 +59,7 @@ def test_restores_only_ema_params_replicated(tmp_path):
   assert kernel.sharding.is_fully_replicated
   assert {d for d in kernel.sharding.device_set} == set(jax.local_devices())
 
-  _, earlier, step = frozen.load_trained(workdir, "clip", step=1)
+  _, earlier, step = _load(workdir, "clip", step=1)
   assert step == 1
   np.testing.assert_array_equal(earlier["dense"]["kernel"], np.full((8, 6), 1.5))
 
@@ -59,12 +68,12 @@ def test_restores_onto_a_given_sharding(tmp_path):
   workdir = str(tmp_path / "run")
   _write_run(workdir)
   sharding = NamedSharding(make_mesh((8, 1, 1)), PartitionSpec("data"))
-  _, ema, _ = frozen.load_trained(workdir, "clip", sharding=sharding)
+  _, ema, _ = _load(workdir, "clip", sharding=sharding)
   assert ema["dense"]["kernel"].sharding == sharding
   np.testing.assert_array_equal(ema["dense"]["kernel"], np.full((8, 6), 2.5))
   per_leaf = {"dense": {"kernel": NamedSharding(make_mesh((2, 2, 2)),
                                                 PartitionSpec(None, "tensor"))}}
-  _, ema, _ = frozen.load_trained(workdir, "clip", sharding=per_leaf)
+  _, ema, _ = _load(workdir, "clip", sharding=per_leaf)
   assert ema["dense"]["kernel"].sharding == per_leaf["dense"]["kernel"]
 
 
@@ -78,7 +87,7 @@ def test_wrong_stage_names_both(tmp_path):
   workdir = str(tmp_path / "run")
   _write_run(workdir, stage="prior", steps=(1,))
   with pytest.raises(WorkdirError) as error:
-    frozen.load_trained(workdir, "clip")
+    _load(workdir, "clip")
   message = _one_line(error)
   assert "'prior'" in message and "'clip'" in message
 
@@ -89,7 +98,7 @@ def test_no_checkpoint_says_how_to_train(tmp_path):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"stage": "clip"}, f)
   with pytest.raises(WorkdirError) as error:
-    frozen.load_trained(workdir, "clip")
+    _load(workdir, "clip")
   message = _one_line(error)
   assert "has no checkpoint" in message
   assert f"python -m unclip_jax.train --config configs/clip.py:demo --workdir {workdir}" \
@@ -98,7 +107,7 @@ def test_no_checkpoint_says_how_to_train(tmp_path):
 
 def test_not_a_workdir(tmp_path):
   with pytest.raises(WorkdirError) as error:
-    frozen.load_trained(str(tmp_path), "clip")
+    _load(str(tmp_path), "clip")
   assert "no config.json" in _one_line(error)
 
 
@@ -106,15 +115,18 @@ def test_missing_step(tmp_path):
   workdir = str(tmp_path / "run")
   _write_run(workdir, steps=(1,))
   with pytest.raises(WorkdirError) as error:
-    frozen.load_trained(workdir, "clip", step=7)
+    _load(workdir, "clip", step=7)
   assert "no checkpoint at step 7" in _one_line(error)
 
 
-def test_put_local_rows_splits_rows_or_replicates_when_they_do_not_divide():
-  split = frozen.put_local_rows(np.arange(16.0).reshape(8, 2))
-  assert split.sharding.shard_shape(split.shape) == (1, 2)
-  assert split.sharding.mesh.axis_names == (frozen.LOCAL_AXIS,)
-  odd = frozen.put_local_rows(np.arange(3))
-  assert odd.sharding.is_fully_replicated
-  assert set(odd.sharding.device_set) == set(jax.local_devices())
-  np.testing.assert_array_equal(odd, np.arange(3))
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  _write_run(workdir, steps=(1,))
+  renamed = {"dense": {"weight": jax.ShapeDtypeStruct((8, 6), jnp.float32)}}
+  with pytest.raises(WorkdirError) as error:
+    _load(workdir, "clip", expected=renamed)
+  assert "predates" in _one_line(error)
+  reshaped = {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32)}}
+  with pytest.raises(WorkdirError) as error:
+    _load(workdir, "clip", expected=reshaped)
+  assert "has shape [8, 6] in checkpoint but [8, 4]" in _one_line(error)

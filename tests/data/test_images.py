@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.sample import grid
+from unclip_jax.data import images as grid
 
 
 def _images(count, side=8):

@@ -1,9 +1,16 @@
-"""Image grids as PNG files: what generative stages write to workdir/samples/."""
+"""Image helpers, all in one place: float <-> uint8, resizing, user images made
+square RGB (a path, a PIL image or an array), and PNG grids (what generative
+stages write to workdir/samples/ and the sample CLI writes)."""
 import os
 import textwrap
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from unclip_jax.data.preprocess import center_crop_and_resize
+from unclip_jax.data.sources import IMAGE
+from unclip_jax.errors import UserError
 
 _PAD = 2  # pixels between tiles
 _LABEL_WIDTH = 96  # pixels for per-row labels, left of the grid
@@ -15,6 +22,17 @@ def to_uint8(images) -> np.ndarray:
   """float images in [-1, 1] [..., H, W, 3] -> uint8 in [0, 255], rounded."""
   images = np.asarray(images, np.float32)
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def resize_image(image: np.ndarray, side: int) -> np.ndarray:
+  """uint8 [S, S, 3] -> uint8 [side, side, 3]: area-averaged when shrinking (a
+  2x shrink is the mean of each 2x2 block), bicubic when enlarging."""
+  image = np.asarray(image)
+  if image.shape[0] == side and image.shape[1] == side:
+    return image
+  method = (Image.Resampling.BOX if image.shape[0] >= side
+            else Image.Resampling.BICUBIC)
+  return np.asarray(Image.fromarray(image).resize((side, side), method), np.uint8)
 
 
 def nearest_upscale(images: np.ndarray, factor: int) -> np.ndarray:
@@ -72,3 +90,61 @@ def write_grid(path: str, images: np.ndarray, rows: int, cols: int | None = None
   Image.fromarray(grid).save(tmp, format="PNG")
   os.replace(tmp, path)
   return path
+
+
+# Images given to the pipeline and the CLI.
+
+
+def _to_array(image: Any) -> np.ndarray:
+  if isinstance(image, (str, os.PathLike)):
+    if not os.path.exists(image):
+      raise UserError(f"no image at {image}")
+    try:
+      image = Image.open(image)
+      image.load()
+    except OSError as e:
+      raise UserError(f"cannot read {image.filename} as an image: {e}") from None
+  if isinstance(image, Image.Image):
+    if image.mode in ("RGBA", "LA", "P"):  # transparent pixels onto white
+      background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+      image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = np.asarray(image.convert("RGB"))
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise UserError(f"images must be uint8 RGB arrays [H, W, 3] (or paths, PIL "
+                    f"images); got {image.dtype}")
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    raise UserError(f"images must be [H, W, 3] (RGB) or [H, W, 4]; got shape "
+                    f"{list(image.shape)}")
+  return image
+
+
+def square_image(image: Any) -> np.ndarray:
+  """One image -> uint8 [S, S, 3]: RGBA composited on white, the central square
+  of a non-square image."""
+  image = _to_array(image)
+  if image.shape[-1] == 4:
+    return square_image(Image.fromarray(image, "RGBA"))
+  height, width = image.shape[:2]
+  if height == width:
+    return image
+  return center_crop_and_resize(min(height, width))({IMAGE: image})[IMAGE]
+
+
+def as_image_list(images: Any) -> list[Any]:
+  """One image or several (a list, or a uint8 [N, H, W, C] array) -> a list."""
+  if isinstance(images, np.ndarray) and images.ndim == 4:
+    return list(images)
+  if isinstance(images, Sequence) and not isinstance(images, str):
+    if not images:
+      raise UserError("no images given")
+    return list(images)
+  return [images]
+
+
+def at_resolution(images: list[np.ndarray], side: int) -> np.ndarray:
+  """Square uint8 images -> float32 [N, side, side, 3] in [-1, 1]."""
+  return np.stack([resize_image(image, side) for image in images]
+                  ).astype(np.float32) / 127.5 - 1.0

@@ -1,0 +1,152 @@
+"""Reading a stage's workdir, in one place: its config.json, its checkpoint steps,
+the EMA params of one step, and the frozen_clip.json a prior or decoder wrote.
+
+`StageWorkdir(path, stage)` reads the config and the step list once and keeps
+one read-only orbax manager open for everything read after; every error is one
+line that says what to do.
+"""
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from unclip_jax.checkpoints import manager as manager_lib
+from unclip_jax.errors import WorkdirError
+from unclip_jax.parallel.local import local_replicated_sharding
+
+CONFIG_FILENAME = "config.json"
+# What a prior or decoder was trained on: the CLIP's fingerprint and sizes (+ extras).
+FROZEN_CLIP_FILENAME = "frozen_clip.json"
+_TRAIN_COMMAND = ("python -m unclip_jax.train --config configs/{stage}.py:demo "
+                  "--workdir {workdir}")
+
+
+def train_command(stage: str, workdir: str) -> str:
+  return _TRAIN_COMMAND.format(stage=stage, workdir=workdir)
+
+
+def read_config(workdir: str, expected_stage: str) -> ml_collections.ConfigDict:
+  """workdir/config.json (JSON data, never executed), checked to be a run of
+  `expected_stage`."""
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if not os.path.exists(path):
+    raise WorkdirError(
+        f"{workdir} is not a {expected_stage} workdir (no {CONFIG_FILENAME}); train "
+        f"it first with {train_command(expected_stage, workdir)}")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  stage = config.get("stage")
+  if stage != expected_stage:
+    raise WorkdirError(f"{workdir} holds a {stage!r} run, not a {expected_stage!r} "
+                       f"run; pass the {expected_stage} stage's workdir")
+  return config
+
+
+def write_json_atomically(path: str, data: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f)
+  os.replace(path + ".tmp", path)
+
+
+def read_frozen_clip(workdir: str, stage: str) -> dict:
+  """The frozen_clip.json a `stage` run (prior, decoder) wrote in `workdir`."""
+  path = os.path.join(workdir, FROZEN_CLIP_FILENAME)
+  if not os.path.exists(path):
+    raise WorkdirError(f"{workdir} has no {FROZEN_CLIP_FILENAME}; it was not "
+                       f"written by a {stage} run")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class StageWorkdir:
+  """One trained stage's workdir, opened once: `config`, `steps`, `step(...)`,
+  `restore_ema_params(...)`."""
+
+  def __init__(self, workdir: str, stage: str):
+    if not isinstance(workdir, (str, os.PathLike)):
+      raise WorkdirError(f"the {stage} workdir must be a path, got {workdir!r}")
+    self.path = os.path.abspath(os.fspath(workdir))
+    self.stage = stage
+    self.config = read_config(self.path, stage)
+    self._manager = manager_lib.make_manager(self.path, read_only=True)
+    has_checkpoints = os.path.isdir(manager_lib.checkpoint_dir(self.path))
+    self.steps = sorted(self._manager.all_steps()) if has_checkpoints else []
+
+  def step(self, requested: int | None = None) -> int:
+    """`requested`, or the latest step; WorkdirError when there is none."""
+    if not self.steps:
+      raise WorkdirError(f"{self.path} has no checkpoint; train it first with "
+                         f"{train_command(self.stage, self.path)}")
+    if requested is None:
+      return self.steps[-1]
+    if requested not in self.steps:
+      raise WorkdirError(f"{self.path} has no checkpoint at step {requested}; it "
+                         f"has steps {self.steps}")
+    return requested
+
+  def commit_time(self, step: int) -> int:
+    """When `step` was written (ns): tells a retrained step from the old one."""
+    return self._manager.metadata(step).commit_timestamp_nsecs
+
+  def frozen_clip(self) -> dict:
+    return read_frozen_clip(self.path, self.stage)
+
+  def restore_ema_params(self, step: int, sharding: Any = None,
+                         expected: Any = None) -> Any:
+    """Only the `ema_params` of checkpoint `step` (no optimizer state is read),
+    placed on `sharding`: one Sharding for every leaf, a pytree of them shaped
+    like the params, or None (replicated on this host's devices).
+
+    `expected`: the params this code would build (e.g. `jax.eval_shape` of
+    init); a checkpoint laid out otherwise is refused in one line.
+    """
+    sharding = sharding or local_replicated_sharding()
+    saved = self._manager.item_metadata(step)[manager_lib.STATE]
+    saved = getattr(saved, "tree", saved)["ema_params"]
+    if expected is not None:
+      self._check_layout(saved, expected)
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, saved)
+    target = {"ema_params": jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        saved, sharding)}
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        manager_lib.STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)}))
+    return restored[manager_lib.STATE]["ema_params"]
+
+  def _check_layout(self, saved: Any, expected: Any) -> None:
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    if saved_shapes.keys() == expected_shapes.keys():
+      for path, shape in expected_shapes.items():
+        if saved_shapes[path] != shape:
+          raise WorkdirError(
+              f"{self.path}: parameter {path} has shape {list(saved_shapes[path])} "
+              f"in checkpoint but {list(shape)} for its config.json; the workdir "
+              "was changed by hand or by another version of unclip-jax")
+      return
+    example = sorted(saved_shapes.keys() ^ expected_shapes.keys())[0]
+    raise WorkdirError(
+        f"{self.path} holds {self.stage} parameters laid out differently from this "
+        f"version of unclip-jax (e.g. {example}): it predates a change of the "
+        f"model's parameter names; retrain it with "
+        f"{train_command(self.stage, self.path)} in a new workdir")
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> "StageWorkdir":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,62 @@
+"""The generative models of the chain, as peers: `Prior`, `Decoder`, `Upsampler`.
+
+Each is built by `from_config(config, clip_sizes)` and offers `init_params`,
+`losses`, `sample` and `abstract_batch` (base.py); the decoder also `invert`s.
+`load(workdir, stage)` reads any of them back from a trained workdir.
+"""
+import importlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from unclip_jax.checkpoints.workdir import StageWorkdir
+from unclip_jax.errors import ConfigError
+from unclip_jax.generators.base import ClipSizes, Generator, Trained
+
+_GENERATORS = {
+    "prior": "unclip_jax.generators.prior:Prior",
+    "decoder": "unclip_jax.generators.decoder:Decoder",
+    "upsampler": "unclip_jax.generators.upsampler:Upsampler",
+}
+# Stages whose generator reads a CLIP (and whose workdir has frozen_clip.json).
+READS_CLIP = ("prior", "decoder")
+
+
+def generator_class(stage: str) -> type[Generator]:
+  if stage not in _GENERATORS:
+    raise ConfigError(f"stage={stage!r} has no generator; use one of "
+                      f"{sorted(_GENERATORS)}")
+  module, name = _GENERATORS[stage].split(":")
+  return getattr(importlib.import_module(module), name)
+
+
+def load(workdir: str | StageWorkdir, stage: str, step: int | None = None,
+         sharding: Any = None) -> Trained:
+  """A trained `stage` generator from its workdir alone: config, generator, EMA
+  params (of the latest checkpoint, or `step`), the CLIP sizes and fingerprint
+  it was trained with.
+
+  The params are restored onto `sharding` (one Sharding, a pytree of them, or
+  None: replicated on this host's devices), whatever mesh they were trained on.
+  One-line WorkdirError for a missing, empty, wrong-stage or outdated workdir.
+  """
+  if not isinstance(workdir, StageWorkdir):
+    with StageWorkdir(workdir, stage) as reader:
+      return load(reader, stage, step, sharding)
+  reader = workdir
+  step = reader.step(step)
+  clip_sizes, fingerprint = None, None
+  if stage in READS_CLIP:
+    record = reader.frozen_clip()
+    clip_sizes, fingerprint = ClipSizes.from_record(record), record["fingerprint"]
+  generator = generator_class(stage).from_config(reader.config, clip_sizes)
+  expected = nn.unbox(jax.eval_shape(generator.init_params, jax.random.key(0)))
+  params = reader.restore_ema_params(step, sharding, expected=expected)
+  return Trained(config=reader.config, generator=generator, params=params,
+                 step=step, workdir=reader.path, clip_sizes=clip_sizes,
+                 clip_fingerprint=fingerprint)
+
+
+__all__ = ["ClipSizes", "Generator", "READS_CLIP", "Trained", "generator_class",
+           "load"]
