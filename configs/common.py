@@ -23,7 +23,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   # Compute dtype: "bfloat16" runs matmuls, attention and convolutions in
   # bf16; params, optimizer state, norm statistics, softmax and losses stay f32.
   c.dtype = "float32"
-  # Peak FLOP/s per device for perf/mfu; unset = looked up by device kind.
+  # Peak FLOP/s per device for perf/mfu; unset = the chip's datasheet peak, or on
+  # a CPU the matmul rate measured at start-up (unclip_jax/train/peak.py).
   c.peak_flops = ml_collections.config_dict.placeholder(float)
 
   c.mesh = ml_collections.ConfigDict()

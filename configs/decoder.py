@@ -55,10 +55,24 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()
-  c.sample.num_steps = 50  # DDIM over a respaced schedule
+  c.sample.num_steps = 50  # steps of the respaced schedule
+  # "ddim" (eta), "ddpm" (variance) or "analytic" (needs the eps moments
+  # training writes at its last step). docs/decoder.md.
+  c.sample.sampler = "ddim"
   c.sample.guidance_scale = 3.0
-  c.sample.eta = 0.0
+  c.sample.eta = 0.0  # ddim only
+  # ddpm only: "small" | "large" | "learned"; None = what the model was trained
+  # for ("learned" with model.learned_variance, else "small").
+  c.sample.variance = ml_collections.config_dict.placeholder(str)
   c.sample.clip_denoised = True
+  # Imagen's dynamic thresholding of the predicted x0 at this percentile of
+  # |x0| (e.g. 99.5) instead of clip_denoised; None: off.
+  c.sample.threshold_percentile = ml_collections.config_dict.placeholder(float)
+  # Analytic-DPM's E||eps_theta||^2, estimated at the last step on this many
+  # held-out examples (at most eval.num_examples) at this many evenly spaced
+  # original timesteps, into workdir/eps_moments.json.
+  c.sample.moments_timesteps = 100
+  c.sample.moments_examples = 256
 
   c.eval = ml_collections.ConfigDict()
   c.eval.loss_examples = 512  # held-out examples for eval/loss
@@ -90,6 +104,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
                    attention_resolutions=(8,), head_channels=8, norm_groups=4,
                    text_width=32, text_depth=1, text_heads=2)
     c.sample.num_steps = 2
+    c.sample.update(moments_timesteps=8, moments_examples=16)  # 8 calls of 16 rows
     c.eval.update(loss_examples=16, num_examples=16, batch_size=16, num_samples=4,
                   samples_per_caption=2)
     c.cache_batch_size = 64
@@ -131,7 +146,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
                    text_heads=32, text_context=256, remat="full",
                    learned_variance=True)
     c.diffusion.parameterization = "eps"
-    c.sample.num_steps = 250
+    # App. C: 250 strided steps of ancestral sampling with the learned variance
+    # (improved DDPM), the sampler it was trained for (docs/decoder.md).
+    c.sample.update(sampler="ddpm", variance="learned", num_steps=250)
     c.sample.guidance_scale = 1.25  # Table 2's decoder guidance (FID)
     c.eval.update(loss_examples=4096, num_examples=256, batch_size=64)
     c.cache_batch_size = 1024

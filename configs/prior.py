@@ -41,10 +41,20 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()
-  c.sample.num_steps = 64  # DDIM over a respaced schedule
+  c.sample.num_steps = 64  # steps of the respaced schedule
+  # "ddim" (eta), "ddpm" (variance) or "analytic" (Analytic-DPM, the paper's:
+  # needs the eps moments training writes at its last step). docs/prior.md.
+  c.sample.sampler = "ddim"
   c.sample.guidance_scale = 1.0  # §5: guiding the prior hurt; only the decoder is guided
   c.sample.num_candidates = 2  # keep the candidate with the highest z_i . z_t
-  c.sample.eta = 0.0
+  c.sample.eta = 0.0  # ddim only
+  # ddpm only: "small" | "large"; None = "small" (the prior learns no variance).
+  c.sample.variance = ml_collections.config_dict.placeholder(str)
+  # Analytic-DPM's E||eps_theta||^2, estimated at the last step on this many
+  # held-out examples at this many evenly spaced original timesteps (any
+  # respacing interpolates between them), into workdir/eps_moments.json.
+  c.sample.moments_timesteps = 100
+  c.sample.moments_examples = 256
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 256  # held-out captions sampled; also the retrieval gallery
@@ -71,6 +81,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.data.num_emoji = 8
     c.model.update(width=32, depth=1, num_heads=2)
     c.sample.num_steps = 4
+    c.sample.update(moments_timesteps=8, moments_examples=16)  # 8 calls of 16 rows
     c.eval.update(num_examples=32, loss_examples=32, batch_size=32)
     c.cache_batch_size = 64
     c.optim.warmup_steps = 1
@@ -97,6 +108,8 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.data.num_emoji = 0
     c.model.update(width=2048, depth=24, num_heads=32, remat_policy="full",
                    embedding_scale="17.2")
+    # App. C: 64 strided steps with Analytic-DPM's variance (docs/prior.md).
+    c.sample.update(sampler="analytic", num_steps=64)
     c.eval.update(num_examples=256, loss_examples=4096, batch_size=1024)
     c.cache_batch_size = 1024
     c.optim.lr = 1.1e-4

@@ -4,9 +4,9 @@
 ratio is the upsampling factor. Trained on random crops of `model.crop_fraction`
 of the output side and applied at full resolution (see docs/upsampler.md).
 
-Presets: `tiny` (tests, seconds: 8->16), `demo` (the CPU demo, minutes: 16->32
-on emoji_scenes), `paper` (DALL-E 2's 64->256 stage) and `paper_1024` (its
-256->1024 stage).
+Presets: `tiny` (tests, seconds: 8->16), `demo` and `demo_64` (the CPU demo's
+two, minutes: 16->32 and 32->64 on emoji_scenes), `paper` (DALL-E 2's 64->256
+stage) and `paper_1024` (its 256->1024 stage).
 Usage: --config configs/upsampler.py:demo [--config.model.low_res=16
        --config.data.resolution=64]
 """
@@ -49,9 +49,22 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()
-  c.sample.num_steps = 27  # DDIM over a respaced schedule
-  c.sample.eta = 0.0
+  c.sample.num_steps = 27  # steps of the respaced schedule
+  # "ddim" (eta; the paper's, App. C), "ddpm" (variance) or "analytic" (needs
+  # the eps moments training writes at its last step). docs/upsampler.md.
+  c.sample.sampler = "ddim"
+  c.sample.eta = 0.0  # ddim only
+  # ddpm only: "small" | "large"; None = "small" (no learned variance here).
+  c.sample.variance = ml_collections.config_dict.placeholder(str)
   c.sample.clip_denoised = True
+  # Imagen's dynamic thresholding of the predicted x0 at this percentile of
+  # |x0| (e.g. 99.5) instead of clip_denoised; None: off.
+  c.sample.threshold_percentile = ml_collections.config_dict.placeholder(float)
+  # Analytic-DPM's E||eps_theta||^2, estimated at the last step on this many
+  # held-out images (at most eval.num_examples) at this many evenly spaced
+  # original timesteps, into workdir/eps_moments.json.
+  c.sample.moments_timesteps = 100
+  c.sample.moments_examples = 256
 
   c.eval = ml_collections.ConfigDict()
   c.eval.loss_examples = 512  # held-out images for eval/loss
@@ -76,18 +89,26 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.model.update(low_res=8, base_channels=16, channel_mults=(1,),
                    num_res_blocks=1, norm_groups=4)
     c.sample.num_steps = 4
+    c.sample.update(moments_timesteps=8, moments_examples=16)  # 8 calls of 16 rows
     c.eval.update(loss_examples=32, num_examples=16, batch_size=16,
                   num_samples=4)
     c.optim.warmup_steps = 1
     c.optim.ema_decay = 0.9
-  elif preset == "demo":
-    # 16 -> 32 on emoji_scenes; measured in docs/upsampler.md. Evaluated
-    # once, at the end: sampling 64 images costs about 200 steps.
-    c.total_steps = 2000
+  elif preset in ("demo", "demo_64"):
+    # The demo's two: 16 -> 32 (16 px crops), then 32 -> 64 on crops a quarter
+    # of the side (16 px, the paper's fraction), so both cost about the same
+    # per step; on emoji_scenes, measured in docs/upsampler.md and
+    # docs/demo.md. Evaluated once, at the end.
+    c.total_steps = 1000
     c.batch_size = 16
     c.log_every = 100
-    c.eval_every = 2000
+    c.eval_every = 1000
     c.checkpoint_every = 500
+    if preset == "demo_64":
+      c.data.resolution = 64
+      c.model.update(low_res=32, crop_fraction=0.25)
+      # Sampling 64 px images costs 4x 32 px ones: evaluate fewer.
+      c.eval.update(loss_examples=128, num_examples=16, batch_size=16)
   elif preset in ("paper", "paper_1024"):
     # App. C, Table 3: 1000 diffusion steps, DDIM sampling, crops of 1/4 of
     # the target side, Adam b2 0.999 eps 1e-8, EMA 0.9999, 1M steps.
@@ -108,7 +129,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.mesh.shape = (-1, 8, 1)
     if preset == "paper":
       # 64 -> 256: 320 channels, 3 blocks, mults 1,2,3,4 (700M), cosine,
-      # blur, dropout 0.1, batch 1024, lr 1.2e-4, 27 sampling steps.
+      # blur, dropout 0.1, batch 1024, lr 1.2e-4, 27 DDIM sampling steps.
       c.batch_size = 1024
       c.data.resolution = 256
       c.model.update(low_res=64, base_channels=320, channel_mults=(1, 2, 3, 4),
@@ -118,7 +139,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
       c.optim.lr = 1.2e-4
     else:
       # 256 -> 1024: 192 channels, 2 blocks, mults 1,1,2,2,4,4 (300M),
-      # linear, BSR, no dropout, batch 512, lr 1.0e-4, 15 sampling steps.
+      # linear, BSR, no dropout, batch 512, lr 1.0e-4, 15 DDIM sampling steps.
       c.batch_size = 512
       c.data.resolution = 1024
       c.model.update(low_res=256, base_channels=192,
@@ -129,6 +150,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
       c.optim.lr = 1.0e-4
       c.eval.batch_size = 8
   else:
-    raise ValueError(f"unknown preset {preset!r}: use tiny, demo, paper or "
-                     "paper_1024")
+    raise ValueError(f"unknown preset {preset!r}: use tiny, demo, demo_64, paper "
+                     "or paper_1024")
   return c

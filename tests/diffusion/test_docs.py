@@ -12,3 +12,5 @@ def test_usage_snippet_runs():
   assert namespace["loss"].shape == (8,)
   assert namespace["images"].shape == (4, 16, 16, 3)
   assert float(abs(namespace["images"]).max()) <= 1.0
+  assert namespace["eps_moments"].shape == (50,)
+  assert namespace["analytic_images"].shape == (4, 16, 16, 3)

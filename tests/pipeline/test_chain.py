@@ -115,3 +115,9 @@ def test_empty_prompts_take_the_priors_unconditional_branch(pipe):
         jax.random.key(0), **options.prior_options(prior.config)))
   np.testing.assert_allclose(sample(encodings, True), sample(other, True), atol=1e-6)
   assert not np.allclose(sample(encodings, False), sample(other, False), atol=1e-4)
+
+
+def test_the_chain_benchmark_reports_prompts_per_second(tiny_chain):
+  from unclip_jax.bench import sampling  # pylint: disable=import-outside-toplevel
+  result = sampling.bench_chain(**tiny_chain.as_kwargs(), num_prompts=1, repeats=1)
+  assert result["prompts_per_sec"] > 0 and result["resolution"] == 16

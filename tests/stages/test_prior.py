@@ -67,6 +67,25 @@ def test_end_to_end_writes_prior_metrics(prior_run):
   assert manifest["clip"] == FrozenClip(config.clip_workdir).fingerprint
 
 
+def test_an_analytic_prior_estimates_its_moments_at_every_evaluation(prior_run):
+  config, workdir, _ = prior_run
+  path = os.path.join(workdir, "eps_moments.json")
+  with open(path) as f:
+    written = f.read()  # by the run's last evaluation
+  trained = generators.load(workdir, "prior")
+  assert trained.eps_moments.step == config.total_steps
+  analytic = config.copy_and_resolve_references()
+  analytic.sample.sampler = "analytic"  # as the paper preset
+  stage = PriorStage(analytic, workdir)
+  stage.prepare()  # the caches are reused
+  metrics = stage.evaluate(trained.params, 2)  # not the last step
+  assert np.isfinite(metrics["eval/prior_cos"])
+  moments = stage.generator.eps_moments
+  assert moments.step == 2 and len(moments.values) == config.sample.moments_timesteps
+  with open(path) as f:
+    assert f.read() == written  # only the last step writes
+
+
 def test_load_prior_samples_like_the_stage(prior_run):
   config, workdir, _ = prior_run
   trained = generators.load(workdir, "prior")

@@ -1,5 +1,7 @@
 """The upsampler stage: end to end through the loop, full-resolution sampling of a
-crop-trained model, rng-determined degradations, and one-line config errors."""
+crop-trained model, the eps moments of the last evaluation, rng-determined
+degradations, and one-line config errors."""
+import json
 import os
 
 import flax.linen as nn
@@ -61,6 +63,27 @@ def test_trained_model_upsamples_at_full_resolution(trained):
   assert crop < config.data.resolution  # trained on crops...
   assert out.shape == (2, config.data.resolution, config.data.resolution, 3)
   assert np.isfinite(np.asarray(out)).all()  # ...sampled at full size
+
+
+def test_the_last_evaluation_writes_the_eps_moments(trained):
+  config, workdir, _ = trained
+  with open(os.path.join(workdir, "eps_moments.json")) as f:
+    record = json.load(f)
+  grid = config.sample.moments_timesteps
+  assert record["timesteps"][0] == 0 and record["timesteps"][-1] == 999
+  assert len(record["eps_moments"]) == len(record["timesteps"]) == grid
+  assert record["step"] == config.total_steps
+  assert record["num_examples"] == min(config.sample.moments_examples,
+                                       config.eval.num_examples)
+  assert np.all(np.isfinite(record["eps_moments"]))
+  assert not os.path.exists(os.path.join(workdir, "eps_moments.json.tmp"))
+  loaded = generators.load(workdir, "upsampler")
+  assert loaded.generator.eps_moments.values == tuple(record["eps_moments"])
+  low_res = jnp.zeros((2, config.model.low_res, config.model.low_res, 3))
+  out = loaded.generator.sample(loaded.params, {"low_res": low_res},
+                                jax.random.key(0), num_steps=2,
+                                sampler="analytic")
+  assert np.isfinite(np.asarray(out)).all()
 
 
 def test_multilevel_unet_samples_beyond_its_crop_size():

@@ -1,10 +1,11 @@
 """python -m unclip_jax.demo --workdir DIR
 
-Trains CLIP, the upsampler, the decoder and the prior at their demo presets on
-the bundled emoji_scenes data (DIR/clip, DIR/upsampler, DIR/decoder, DIR/prior),
-resuming wherever a previous run stopped, then samples the prompts that every
-stage held out through the whole chain (unclip_jax.UnCLIPPipeline) and scores
-them without any model: DIR/samples.png, DIR/demo_eval.json.
+Trains CLIP, the two upsamplers (16 -> 32, 32 -> 64), the decoder (16 px) and
+the prior at their demo presets on the bundled emoji_scenes data (DIR/clip,
+DIR/upsampler, DIR/upsampler2, DIR/decoder, DIR/prior), resuming wherever a
+previous run stopped, then samples the prompts that every stage held out through
+the whole chain (unclip_jax.UnCLIPPipeline) at 64 px and scores them without
+any model: DIR/samples.png, DIR/demo_eval.json.
 """
 import json
 import os

@@ -80,8 +80,9 @@ def _read_config(workdir: str) -> dict:
 
 def run(root: str, *, num_images: int, seed: int) -> dict:
   """Samples every held-out prompt `num_images` times through the chain in
-  root/{clip,prior,decoder,upsampler}, writes root/samples.png and returns the
-  demo_eval.json record: prompts, accuracies, emoji_names."""
+  root/{clip,prior,decoder,upsampler,upsampler2}, writes root/samples.png and
+  returns the demo_eval.json record: prompts, accuracies, emoji_names."""
+  from unclip_jax.demo.plan import UPSAMPLERS  # pylint: disable=import-outside-toplevel
   from unclip_jax.pipeline import UnCLIPPipeline  # pylint: disable=import-outside-toplevel
   decoder_data = _read_config(os.path.join(root, "decoder"))["data"]
   clip_data = _read_config(os.path.join(root, "clip"))["data"]
@@ -91,7 +92,8 @@ def run(root: str, *, num_images: int, seed: int) -> dict:
   pipe = UnCLIPPipeline.from_workdirs(
       clip=os.path.join(root, "clip"), prior=os.path.join(root, "prior"),
       decoder=os.path.join(root, "decoder"),
-      upsamplers=[os.path.join(root, "upsampler")])
+      upsamplers=[os.path.join(root, name) for name in UPSAMPLERS
+                  if os.path.isdir(os.path.join(root, name))])
   samples = pipe(prompts.captions, num_images=num_images, seed=seed)
   accuracy = score(samples, prompts, num_images, decoder_data["seed"])
   truth = true_images(prompts, decoder_data["seed"], samples.shape[1])

@@ -5,7 +5,8 @@ its workdir is exactly what a user would get from the train command (and what
 the pipeline and the sampling CLI load). Stages that do not depend on each other
 run side by side: these demo models each keep about one core busy, so on 2 cores
 two stages cost about as much time as the slower. Two chains of about equal
-length share the machine: CLIP then the decoder, and the upsampler then the prior.
+length share the machine: CLIP then the decoder, and the two upsamplers then the
+prior.
 """
 import dataclasses
 import importlib
@@ -21,34 +22,46 @@ from unclip_jax.parallel import distributed
 
 @dataclasses.dataclass(frozen=True)
 class StageRun:
-  name: str  # the config file (configs/<name>.py) and the workdir DIR/<name>
+  name: str  # the workdir DIR/<name>
   after: tuple[str, ...]  # stages whose workdirs it reads
+  config: str = ""  # configs/<config>.py (default: the name)
+  preset: str = "demo"
+
+  @property
+  def config_name(self) -> str:
+    return self.config or self.name
 
   def workdir(self, root: str) -> str:
     return os.path.join(root, self.name)
 
   def command(self, root: str) -> list[str]:
-    config = os.path.join(os.path.dirname(configs.__file__), f"{self.name}.py")
+    config = os.path.join(os.path.dirname(configs.__file__),
+                          f"{self.config_name}.py")
     command = [sys.executable, "-m", "unclip_jax.train",
-               f"--config={config}:demo", f"--workdir={self.workdir(root)}"]
+               f"--config={config}:{self.preset}",
+               f"--workdir={self.workdir(root)}"]
     if "clip" in self.after:
       command.append(f"--config.clip_workdir={os.path.join(root, 'clip')}")
     return command
 
 
-# In priority order. The critical path is CLIP then the decoder; the upsampler
-# (images only) trains beside the CLIP, the prior beside the decoder.
+# In priority order. The critical path is CLIP then the decoder; the upsamplers
+# (images only) train one after the other beside the CLIP, the prior beside the
+# decoder. The chain is the paper's in small: 16 px -> 32 px -> 64 px.
 STAGES: tuple[StageRun, ...] = (
     StageRun("clip", after=()),
     StageRun("upsampler", after=()),
+    StageRun("upsampler2", after=(), config="upsampler", preset="demo_64"),
     StageRun("decoder", after=("clip",)),
     StageRun("prior", after=("clip",)),
 )
+UPSAMPLERS = tuple(s.name for s in STAGES if s.config_name == "upsampler")
 MAX_PARALLEL = 2  # processes at once: one per core of the 2-core demo machine
 
 
-def total_steps(name: str) -> int:
-  return int(importlib.import_module(f"configs.{name}").get_config("demo").total_steps)
+def total_steps(stage: StageRun) -> int:
+  config = importlib.import_module(f"configs.{stage.config_name}")
+  return int(config.get_config(stage.preset).total_steps)
 
 
 def trained_steps(workdir: str) -> int:
@@ -91,7 +104,7 @@ def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None
   (a rerun resumes every stage from its last checkpoint)."""
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
   done = {s.name for s in stages
-          if trained_steps(s.workdir(root)) >= total_steps(s.name)}
+          if trained_steps(s.workdir(root)) >= total_steps(s)}
   waiting = [s for s in stages if s.name not in done]
   # name -> [stage, process, log path, total steps, first logged step, its time]
   running = {}
@@ -107,7 +120,7 @@ def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None
                 env=distributed.cpu_only_unless_accelerated(os.environ))
           # The rate is measured from the first logged step on, not from the
           # start: compiling would make the first ETAs far too long.
-          running[stage.name] = [stage, process, log_path, total_steps(stage.name),
+          running[stage.name] = [stage, process, log_path, total_steps(stage),
                                  logged_step(stage.workdir(root)), None]
           report(f"training {stage.name} (log: {log_path})")
       time.sleep(2)

@@ -3,6 +3,12 @@
 See docs/diffusion.md for the conventions (step indices vs original timesteps,
 respacing, model_fn contracts, guidance).
 """
+from unclip_jax.diffusion.analytic import (
+  analytic_sample,
+  analytic_variances,
+  estimate_eps_moments,
+)
+from unclip_jax.diffusion.dispatch import SAMPLERS, sample
 from unclip_jax.diffusion.forward import (
   PARAMETERIZATIONS,
   coefficient,
@@ -25,8 +31,10 @@ from unclip_jax.diffusion.losses import (
   variational_bound_terms,
 )
 from unclip_jax.diffusion.posterior import (
+  DDPM_VARIANCES,
   PMeanVariance,
   dynamic_threshold,
+  fixed_variances,
   p_mean_variance,
   process_x0,
   q_posterior_mean_variance,
@@ -51,10 +59,14 @@ from unclip_jax.diffusion.schedules import (
 )
 
 __all__ = [
+  "DDPM_VARIANCES",
   "PARAMETERIZATIONS",
   "PMeanVariance",
+  "SAMPLERS",
   "SCHEDULES",
   "Schedule",
+  "analytic_sample",
+  "analytic_variances",
   "coefficient",
   "cosine_betas",
   "ddim_invert",
@@ -63,6 +75,8 @@ __all__ = [
   "discretized_gaussian_log_likelihood",
   "dynamic_threshold",
   "eps_from_v",
+  "estimate_eps_moments",
+  "fixed_variances",
   "guided",
   "linear_betas",
   "make_schedule",
@@ -78,6 +92,7 @@ __all__ = [
   "q_sample",
   "respace",
   "respaced_indices",
+  "sample",
   "schedule_from_betas",
   "split_prediction",
   "static_clip",

@@ -12,6 +12,11 @@ import jax.numpy as jnp
 from unclip_jax.diffusion.forward import coefficient, per_example, split_prediction
 from unclip_jax.diffusion.schedules import Schedule
 
+# Reverse-step variances of ancestral (DDPM) sampling: the posterior variance
+# beta_tilde, beta itself (the two bounds of Ho et al.), or the model's learned
+# interpolation between them (improved DDPM; needs a [prediction, v] output).
+DDPM_VARIANCES = ("small", "large", "learned")
+
 
 class PMeanVariance(NamedTuple):
   """The model's Gaussian reverse step; every field is [B, ...] like x_t."""
@@ -76,6 +81,30 @@ def split_variance_channels(model_output: jax.Array) -> tuple[jax.Array, jax.Arr
       f"A learned-variance output needs an even last axis, got {model_output.shape}."
     )
   return jnp.split(model_output, 2, axis=-1)
+
+
+def check_ddpm_variance(variance: str, learned_variance: bool) -> None:
+  if variance not in DDPM_VARIANCES:
+    raise ValueError(f"Unknown DDPM variance {variance!r}; expected one of {DDPM_VARIANCES}.")
+  if variance == "learned" and not learned_variance:
+    raise ValueError("variance='learned' needs a learned-variance model (learned_variance=True).")
+
+
+def fixed_variances(schedule: Schedule, variance: str) -> jax.Array:
+  """The per-step reverse variance [K] of a fixed choice, 'small' or 'large'.
+
+  small: the posterior variance beta_tilde_k; large: beta_k. Both are of THIS
+  (usually respaced) schedule. Step 0 borrows beta_tilde_1 in both, as improved
+  DDPM does (its clipped log for 'small', guided-diffusion's fixed_large for
+  'large'): beta_tilde_0 = 0 has no log, and samplers add no noise at step 0.
+  """
+  if variance == "small":
+    return jnp.exp(schedule.posterior_log_variance_clipped)
+  if variance == "large":
+    if schedule.num_timesteps == 1:
+      return schedule.betas
+    return jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+  raise ValueError(f"fixed_variances takes 'small' or 'large', got {variance!r}.")
 
 
 def learned_log_variance(

@@ -1,5 +1,7 @@
 """Compiled samplers (DDIM, ancestral DDPM), DDIM inversion and classifier-free guidance.
 
+Analytic-DPM lives in analytic.py; `dispatch.sample` picks a sampler by name.
+
 Every loop runs inside one `jax.lax.scan`, so a sampler traces to a single
 computation and can sit inside an outer `jax.jit`. Conventions:
 - `model_fn(x_t, t)` gets x_t [B, ...] and t int32 [B], the ORIGINAL training
@@ -16,7 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.diffusion.forward import coefficient, predict_eps_from_x0, split_prediction
-from unclip_jax.diffusion.posterior import p_mean_variance, process_x0, split_variance_channels
+from unclip_jax.diffusion.posterior import (
+  check_ddpm_variance,
+  fixed_variances,
+  p_mean_variance,
+  process_x0,
+  split_variance_channels,
+)
 from unclip_jax.diffusion.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -78,7 +86,7 @@ def _call_model(model_fn, schedule, x, k):
   return model_fn(x, t).astype(jnp.float32)
 
 
-def _model_prediction(model_fn, schedule, x, k, learned_variance):
+def model_prediction(model_fn, schedule, x, k, learned_variance):
   """Model output at step index k as [B, ..., C], the learned-variance half dropped."""
   output = _call_model(model_fn, schedule, x, k)
   if learned_variance:
@@ -140,7 +148,7 @@ def ddim_sample(
     raise ValueError("ddim_sample with eta != 0 needs an rng.")
 
   def step(x, k, step_rng):
-    prediction = _model_prediction(model_fn, schedule, x, k, learned_variance)
+    prediction = model_prediction(model_fn, schedule, x, k, learned_variance)
     t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
     x0, eps = split_prediction(schedule, prediction, x, t, parameterization)
     if clip_denoised or threshold_percentile is not None:
@@ -166,6 +174,61 @@ def ddim_sample(
   )
 
 
+def resolve_ddpm_variance(variance: Optional[str], learned_variance: bool) -> str:
+  """None means 'learned' for a learned-variance model, else 'small' (the old default)."""
+  if variance is None:
+    variance = "learned" if learned_variance else "small"
+  check_ddpm_variance(variance, learned_variance)
+  return variance
+
+
+def ancestral_sample(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  *,
+  noise_std: Optional[jax.Array],
+  shape: Optional[Sequence[int]],
+  rng: jax.Array,
+  parameterization: str,
+  learned_variance: bool,
+  clip_denoised: bool,
+  threshold_percentile: Optional[float],
+  x_T: Optional[jax.Array],
+  return_trajectory: bool,
+):
+  """x_{k-1} = posterior mean at the predicted x0 + noise_std[k] * z (none at k = 0).
+
+  noise_std: [K], or None for the model's learned variance (learned_variance
+  must then be True). With learned_variance and a fixed noise_std, the
+  model's variance half is ignored. Shared by `ddpm_sample` and
+  `analytic_sample`, which differ only in the variance.
+  """
+  use_learned = noise_std is None
+
+  def step(x, k, step_rng):
+    t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
+    output = _call_model(model_fn, schedule, x, k)
+    if learned_variance and not use_learned:
+      output, _ = split_variance_channels(output)
+    out = p_mean_variance(
+      schedule,
+      output,
+      x,
+      t,
+      parameterization=parameterization,
+      learned_variance=use_learned,
+      clip_denoised=clip_denoised,
+      threshold_percentile=threshold_percentile,
+    )
+    std = jnp.exp(0.5 * out.log_variance) if use_learned else noise_std[k]
+    noise = jax.random.normal(step_rng, x.shape, dtype=x.dtype)
+    return out.mean + jnp.where(k > 0, 1.0, 0.0) * std * noise
+
+  return _run_reverse(
+    step, schedule, shape=shape, rng=rng, x_T=x_T, return_trajectory=return_trajectory
+  )
+
+
 def ddpm_sample(
   model_fn: ModelFn,
   schedule: Schedule,
@@ -173,34 +236,37 @@ def ddpm_sample(
   shape: Optional[Sequence[int]] = None,
   rng: jax.Array,
   parameterization: str,
+  variance: Optional[str] = None,
   learned_variance: bool = False,
   clip_denoised: bool = False,
   threshold_percentile: Optional[float] = None,
   x_T: Optional[jax.Array] = None,
   return_trajectory: bool = False,
 ):
-  """Ancestral sampling x_{k-1} ~ p(x_{k-1} | x_k) with a fixed or learned variance.
+  """Ancestral sampling x_{k-1} ~ p(x_{k-1} | x_k) over every step of `schedule`.
 
+  variance (one of DDPM_VARIANCES, static): 'small' (beta_tilde), 'large'
+  (beta), both of the respaced schedule (see `fixed_variances`), or 'learned'
+  (improved DDPM's interpolation, respaced). None: 'learned' when
+  learned_variance (the model outputs [prediction, v], 2C channels), else
+  'small'. A learned-variance model may still sample with a fixed variance.
   Same conventions and return values as `ddim_sample`; no noise is added at
   the last step (k = 0), which returns the posterior mean.
   """
-  def step(x, k, step_rng):
-    t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
-    out = p_mean_variance(
-      schedule,
-      _call_model(model_fn, schedule, x, k),
-      x,
-      t,
-      parameterization=parameterization,
-      learned_variance=learned_variance,
-      clip_denoised=clip_denoised,
-      threshold_percentile=threshold_percentile,
-    )
-    noise = jax.random.normal(step_rng, x.shape, dtype=x.dtype)
-    return out.mean + jnp.where(k > 0, 1.0, 0.0) * jnp.exp(0.5 * out.log_variance) * noise
-
-  return _run_reverse(
-    step, schedule, shape=shape, rng=rng, x_T=x_T, return_trajectory=return_trajectory
+  variance = resolve_ddpm_variance(variance, learned_variance)
+  noise_std = None if variance == "learned" else jnp.sqrt(fixed_variances(schedule, variance))
+  return ancestral_sample(
+    model_fn,
+    schedule,
+    noise_std=noise_std,
+    shape=shape,
+    rng=rng,
+    parameterization=parameterization,
+    learned_variance=learned_variance,
+    clip_denoised=clip_denoised,
+    threshold_percentile=threshold_percentile,
+    x_T=x_T,
+    return_trajectory=return_trajectory,
   )
 
 
@@ -225,7 +291,7 @@ def ddim_invert(
   x_T sits at alpha_bar[K-1], where `ddim_sample` starts.
   """
   def eps_at(x, k):
-    prediction = _model_prediction(model_fn, schedule, x, k, learned_variance)
+    prediction = model_prediction(model_fn, schedule, x, k, learned_variance)
     t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
     return split_prediction(schedule, prediction, x, t, parameterization)[1]
 

@@ -2,17 +2,16 @@
 
 Each is built by `from_config(config, clip_sizes)` and offers `init_params`,
 `losses`, `sample` and `abstract_batch` (base.py); the decoder also `invert`s.
-`load(workdir, stage)` reads any of them back from a trained workdir.
+`load(workdir, stage)` reads any of them back from a trained workdir, with the
+Analytic-DPM moments its training run wrote at the last step (eps_moments.json).
 """
 import importlib
 from typing import Any
 
-import flax.linen as nn
-import jax
-
 from unclip_jax.checkpoints.workdir import StageWorkdir
 from unclip_jax.errors import ConfigError
-from unclip_jax.generators.base import ClipSizes, Generator, Trained
+from unclip_jax.generators.base import (ClipSizes, EpsMoments, Generator,
+                                        Trained, abstract_params)
 
 _GENERATORS = {
     "prior": "unclip_jax.generators.prior:Prior",
@@ -35,7 +34,8 @@ def load(workdir: str | StageWorkdir, stage: str, step: int | None = None,
          sharding: Any = None) -> Trained:
   """A trained `stage` generator from its workdir alone: config, generator, EMA
   params (of the latest checkpoint, or `step`), the CLIP sizes and fingerprint
-  it was trained with.
+  it was trained with, and the eps moments (`generator.eps_moments`, for
+  sampler='analytic') when the run wrote them.
 
   The params are restored onto `sharding` (one Sharding, a pytree of them, or
   None: replicated on this host's devices), whatever mesh they were trained on.
@@ -51,12 +51,14 @@ def load(workdir: str | StageWorkdir, stage: str, step: int | None = None,
     record = reader.frozen_clip()
     clip_sizes, fingerprint = ClipSizes.from_record(record), record["fingerprint"]
   generator = generator_class(stage).from_config(reader.config, clip_sizes)
-  expected = nn.unbox(jax.eval_shape(generator.init_params, jax.random.key(0)))
-  params = reader.restore_ema_params(step, sharding, expected=expected)
+  params = reader.restore_ema_params(step, sharding,
+                                     expected=abstract_params(generator.init_params))
+  # Estimated with the final step's params; an earlier `step` uses them too.
+  generator.eps_moments = EpsMoments.read(reader.path)
   return Trained(config=reader.config, generator=generator, params=params,
                  step=step, workdir=reader.path, clip_sizes=clip_sizes,
-                 clip_fingerprint=fingerprint)
+                 clip_fingerprint=fingerprint, eps_moments=generator.eps_moments)
 
 
-__all__ = ["ClipSizes", "Generator", "READS_CLIP", "Trained", "generator_class",
-           "load"]
+__all__ = ["ClipSizes", "EpsMoments", "Generator", "READS_CLIP", "Trained",
+           "generator_class", "load"]

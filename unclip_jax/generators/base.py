@@ -8,11 +8,16 @@ data; the sampling pipeline only ever sees generators.
 """
 import abc
 import dataclasses
+import json
+import os
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+
+from unclip_jax.checkpoints.workdir import write_json_atomically
 
 # Batch fields (the embedding cache stores the CLIP ones under these names).
 IMAGE = "image"  # float32 [B, R, R, 3] in [-1, 1] (uint8 as stored)
@@ -67,11 +72,68 @@ class ClipSizes:
             np.asarray(self.image_embedding_std, np.float32))
 
 
+EPS_MOMENTS_FILENAME = "eps_moments.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsMoments:
+  """Analytic-DPM's Gamma_t = E||eps_theta(x_t, t)||^2 / d of a trained model,
+  at a grid of ORIGINAL timesteps (evenly spaced over the training schedule,
+  both ends kept), estimated once at the end of training.
+
+  `at(timesteps)` interpolates linearly in t, so one stored grid serves any
+  respacing: an approximation between grid points (Gamma is smooth in t; the
+  grid's ends are t = 0 and T - 1, so nothing is extrapolated).
+  """
+  timesteps: tuple[int, ...]  # original timesteps, increasing
+  values: tuple[float, ...]  # Gamma at each
+  step: int = 0  # the checkpoint step it was estimated with
+  num_examples: int = 0  # held-out examples averaged over
+
+  def at(self, timesteps: np.ndarray) -> np.ndarray:
+    """Gamma float32 [K] at original `timesteps` [K]."""
+    return np.interp(np.asarray(timesteps, np.float64), self.timesteps,
+                     self.values).astype(np.float32)
+
+  def write(self, workdir: str) -> str:
+    """workdir/eps_moments.json, atomically (tmp then os.replace)."""
+    path = os.path.join(workdir, EPS_MOMENTS_FILENAME)
+    write_json_atomically(path, {
+        "timesteps": [int(t) for t in self.timesteps],
+        "eps_moments": [float(v) for v in self.values],
+        "step": int(self.step), "num_examples": int(self.num_examples)})
+    return path
+
+  @classmethod
+  def read(cls, workdir: str) -> "EpsMoments | None":
+    """The moments a finished training run wrote in `workdir`; None if none."""
+    path = os.path.join(workdir, EPS_MOMENTS_FILENAME)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      record = json.load(f)
+    return cls(tuple(record["timesteps"]), tuple(record["eps_moments"]),
+               record.get("step", 0), record.get("num_examples", 0))
+
+
+def abstract_params(init_params, rng: jax.Array | None = None) -> Any:
+  """ShapeDtypeStructs of the params `init_params(rng)` would make, without the
+  logical-axis boxes. Taken off by hand, not with nn.unbox: unboxing applies
+  sharding constraints, which fail under a caller's (e.g. the trainer's
+  multi-host) mesh."""
+  boxed = jax.eval_shape(init_params, jax.random.key(0) if rng is None else rng)
+  return jax.tree.map(lambda x: getattr(x, "value", x), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 class Generator(abc.ABC):
   """A generative stage's model: built from config, trained by `losses`, sampled
   by `sample` (one compiled function per shapes and static options)."""
 
   config: ml_collections.ConfigDict
+  # What sampler='analytic' reads (`generators.load` sets it from the workdir's
+  # eps_moments.json); None until a training run has estimated it.
+  eps_moments: EpsMoments | None = None
 
   @classmethod
   @abc.abstractmethod
@@ -100,6 +162,12 @@ class Generator(abc.ABC):
   def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The training batch as the data pipeline delivers it, without data."""
 
+  def estimate_eps_moments(self, params: Any, batch: Batch, rng: jax.Array, *,
+                           grid_size: int) -> jax.Array:
+    """Gamma float32 [grid_size] of the conditional model (no guidance) on a
+    batch of held-out data, at `common.moments_grid(T, grid_size)`."""
+    raise NotImplementedError(f"{type(self).__name__} has no eps moments")
+
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
@@ -111,3 +179,4 @@ class Trained:
   workdir: str
   clip_sizes: ClipSizes | None  # None for stages that read no CLIP
   clip_fingerprint: str | None  # the exact CLIP checkpoint it was trained on
+  eps_moments: EpsMoments | None = None  # from eps_moments.json, if written

@@ -16,7 +16,7 @@ import numpy as np
 from unclip_jax.checkpoints.workdir import StageWorkdir
 from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.data.tokenizer import PAD_ID, Tokenizer
-from unclip_jax.generators.base import ClipSizes
+from unclip_jax.generators.base import ClipSizes, abstract_params
 from unclip_jax.models.clip import CLIP
 from unclip_jax.models.precision import DTYPES
 from unclip_jax.parallel.local import (local_mesh, local_replicated_sharding,
@@ -97,7 +97,7 @@ class FrozenClip:
     return int(self.config.tokenizer.vocab_size)
 
   def abstract_params(self) -> Any:
-    return nn.unbox(jax.eval_shape(self._init, jax.random.key(0)))
+    return abstract_params(self._init)
 
   def _init(self, rng):
     side, context = self.resolution, self.context_length

@@ -1,9 +1,11 @@
 """What every diffusion generator shares: the config checks (diffusion, sample,
-UNet sizes), the schedule from config, the training loss on images, and one
-compiled DDIM sampler and inverter.
+UNet sizes), the schedule from config, the training loss on images, one compiled
+sampler (ddim, ddpm or analytic, by name) and the DDIM inverter, and the
+Analytic-DPM moments on a grid of timesteps.
 
 A generator's config has `diffusion.{schedule, num_timesteps, parameterization}`
-and `sample.{num_steps, eta}`: the parameterisation is set there and only there.
+and `sample.{num_steps, sampler, eta, variance, ...}`: the parameterisation is
+set there and only there.
 """
 from typing import Any, Callable
 
@@ -12,13 +14,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+import numpy as np
+
 from unclip_jax import diffusion
-from unclip_jax.errors import ConfigError
+from unclip_jax.errors import ConfigError, UserError
+from unclip_jax.generators.base import EpsMoments
 from unclip_jax.models.unet_blocks import IMAGE_AXES
 
 # apply_fn(params, x_t [B, H, W, C], t int32 [B] original timesteps, condition
 # (a pytree of [B, ...] arrays, or None), drop bool [B]) -> model output.
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], jax.Array]
+# encode_fn(params, condition, drop bool [B]) -> what the model computes from the
+# condition alone (a pytree of [B, ...] arrays); apply_fn then takes it in place
+# of the condition, with drop ignored. A sampler encodes once per call, not once
+# per step.
+EncodeFn = Callable[[Any, Any, jax.Array], Any]
 
 
 def validate_diffusion_config(config: ml_collections.ConfigDict) -> None:
@@ -37,6 +47,26 @@ def validate_diffusion_config(config: ml_collections.ConfigDict) -> None:
                       f"[1, diffusion.num_timesteps={d.num_timesteps}]")
   if s.get("eta", 0.0) < 0:
     raise ConfigError(f"sample.eta={s.eta} must be >= 0")
+  if s.get("sampler", "ddim") not in diffusion.SAMPLERS:
+    raise ConfigError(f"sample.sampler={s.sampler!r}: use one of "
+                      f"{diffusion.SAMPLERS}")
+  if s.get("variance") not in (None, *diffusion.DDPM_VARIANCES):
+    raise ConfigError(f"sample.variance={s.variance!r}: use None (what the model "
+                      f"was trained for) or one of {diffusion.DDPM_VARIANCES}")
+  if s.get("variance") == "learned" and not config.get("model", {}).get(
+      "learned_variance", False):
+    raise ConfigError("sample.variance='learned' needs model.learned_variance="
+                      "True; use None, 'small' or 'large'")
+  percentile = s.get("threshold_percentile")
+  if percentile is not None and not 0 < percentile <= 100:
+    raise ConfigError(f"sample.threshold_percentile={percentile}: must be in "
+                      "(0, 100], e.g. 99.5, or None (off)")
+  for name in ("moments_timesteps", "moments_examples"):
+    if s.get(name, 2) < 2:
+      raise ConfigError(f"sample.{name}={s[name]} must be >= 2")
+  if s.get("moments_timesteps", 2) > d.num_timesteps:
+    raise ConfigError(f"sample.moments_timesteps={s.moments_timesteps} must be <= "
+                      f"diffusion.num_timesteps={d.num_timesteps}")
 
 
 def check_unet_config(config: ml_collections.ConfigDict, *,
@@ -107,39 +137,111 @@ def image_losses(schedule: diffusion.Schedule, model_fn, images: jax.Array,
       learned_variance=learned_variance, vlb_weight=vlb_weight)
 
 
-def make_ddim_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
-                      parameterization: str, learned_variance: bool = False):
-  """One compiled DDIM sampler over `schedule` respaced to `num_steps`.
+def sampler_options(config: ml_collections.ConfigDict, *, sampler: str | None,
+                    variance: str | None, eta: float | None,
+                    learned_variance: bool) -> dict:
+  """(sampler, variance, eta) from the caller or `config.sample`, checked, with
+  the ones the sampler ignores normalised (no recompilation for them).
 
-  Returns `sample(params, condition, rng, *, shape, num_steps, eta=0.0,
-  guidance_scale=1.0, clip_denoised=True, threshold_percentile=None, x_T=None)`
-  -> float32 images `shape` ([B, H, W, C], roughly in [-1, 1]). `condition` is
-  a pytree of [B, ...] arrays handed to `apply_fn` (tiled to 2B rows when
-  guided). With guidance_scale != 1 the model runs once per step on the doubled
-  batch, `drop` True on the unconditional half. `x_T` (like `shape`): the
-  starting noise instead of a draw from rng (fixed across frames when
-  interpolating, or from `make_ddim_inverter`). The keyword arguments but x_T
-  are static: one compilation per (shapes, keywords).
+  variance None: what the model was trained for ('learned' for a
+  learned-variance model, else 'small').
   """
-  def sample(params, condition, rng, *, shape, num_steps, eta=0.0,
-             guidance_scale=1.0, clip_denoised=True, threshold_percentile=None,
-             x_T=None):
-    return diffusion.ddim_sample(
-        _guided_model(apply_fn, params, condition, guidance_scale,
-                      learned_variance),
+  s = config.sample
+  sampler = s.get("sampler", "ddim") if sampler is None else sampler
+  if sampler not in diffusion.SAMPLERS:
+    raise UserError(f"sampler={sampler!r}: use one of {diffusion.SAMPLERS}")
+  eta = float(s.get("eta", 0.0) if eta is None else eta)
+  if eta < 0:
+    raise UserError(f"eta={eta:g} must be >= 0")
+  variance = s.get("variance") if variance is None else variance
+  if variance is None:
+    variance = "learned" if learned_variance else "small"
+  if variance not in diffusion.DDPM_VARIANCES:
+    raise UserError(f"variance={variance!r}: use one of {diffusion.DDPM_VARIANCES}")
+  if variance == "learned" and not learned_variance:
+    raise UserError("variance='learned' needs a model trained with "
+                    "model.learned_variance=True; use 'small' or 'large'")
+  return {"sampler": sampler, "eta": eta if sampler == "ddim" else 0.0,
+          "variance": variance if sampler == "ddpm" else None}
+
+
+def moments_grid(num_timesteps: int, grid_size: int) -> np.ndarray:
+  """The original timesteps eps moments are stored at: `respace`'s kept steps."""
+  return diffusion.respaced_indices(num_timesteps, grid_size)
+
+
+def estimate_moments_on_grid(model_fn, schedule: diffusion.Schedule, x0, rng, *,
+                             grid_size: int, parameterization: str,
+                             learned_variance: bool = False) -> jax.Array:
+  """Gamma [grid_size] at `moments_grid(T, grid_size)`: one model call per grid
+  point on the batch x0 (respacing keeps alpha_bar at the kept steps, so this is
+  the full schedule's Gamma there)."""
+  return diffusion.estimate_eps_moments(
+      model_fn, diffusion.respace(schedule, grid_size), x0, rng,
+      parameterization=parameterization, learned_variance=learned_variance)
+
+
+def moments_for_steps(sampler: str, num_steps: int, num_timesteps: int,
+                      moments: EpsMoments | None) -> jax.Array | None:
+  """Gamma [num_steps] for `respace(schedule, num_steps)` when sampler is
+  'analytic' (interpolated from the stored grid), else None."""
+  if sampler != "analytic":
+    return None
+  if moments is None:
+    raise UserError("sampler='analytic' needs the eps moments a training run "
+                    "writes at its last step (eps_moments.json): train the stage "
+                    "to config.total_steps, or choose sampler 'ddim' or 'ddpm'")
+  return jnp.asarray(moments.at(diffusion.respaced_indices(num_timesteps,
+                                                           num_steps)))
+
+
+def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
+                 parameterization: str, learned_variance: bool = False,
+                 encode_fn: EncodeFn | None = None,
+                 x0_variance_bound: float | None = 1.0):
+  """One compiled sampler over `schedule` respaced to `num_steps`.
+
+  Returns `sample(params, condition, rng, eps_moments=None, *, shape,
+  num_steps, sampler="ddim", eta=0.0, variance=None, guidance_scale=1.0,
+  clip_denoised=True, threshold_percentile=None, x_T=None)` -> float32 images
+  `shape` ([B, H, W, C], roughly in [-1, 1]). `sampler` picks `diffusion.sample`'s
+  ddim (eta), ddpm (variance) or analytic (eps_moments: Gamma [num_steps] for
+  the respaced steps, traced; `moments_for_steps`). `condition` is a pytree of
+  [B, ...] arrays handed to `apply_fn` (tiled to 2B rows when guided). With
+  guidance_scale != 1 the model runs once per step on the doubled batch, `drop`
+  True on the unconditional half. `x_T` (like `shape`): the starting noise
+  instead of a draw from rng (fixed across frames when interpolating, or from
+  `make_ddim_inverter`). The keyword arguments but x_T are static: one
+  compilation per (shapes, keywords). With `encode_fn` the condition is encoded
+  once, before the steps. `x0_variance_bound`: Analytic-DPM's bound on
+  Var(x0 | x_t) (1 for images in [-1, 1]).
+  """
+  def sample(params, condition, rng, eps_moments=None, *, shape, num_steps,
+             sampler="ddim", eta=0.0, variance=None, guidance_scale=1.0,
+             clip_denoised=True, threshold_percentile=None, x_T=None):
+    return diffusion.sample(
+        sampler, _guided_model(apply_fn, params, condition, guidance_scale,
+                               learned_variance, encode_fn),
         diffusion.respace(schedule, num_steps), shape=tuple(shape), rng=rng,
-        parameterization=parameterization, eta=eta,
-        learned_variance=learned_variance, clip_denoised=clip_denoised,
+        parameterization=parameterization, eta=eta, variance=variance,
+        learned_variance=learned_variance, eps_moments=eps_moments,
+        x0_variance_bound=x0_variance_bound, clip_denoised=clip_denoised,
         threshold_percentile=threshold_percentile, x_T=x_T)
 
   return jax.jit(sample, static_argnames=(
-      "shape", "num_steps", "eta", "guidance_scale", "clip_denoised",
-      "threshold_percentile"))
+      "shape", "num_steps", "sampler", "eta", "variance", "guidance_scale",
+      "clip_denoised", "threshold_percentile"))
+
+
+# The DDIM-only name it had: `sampler` defaults to "ddim".
+make_ddim_sampler = make_sampler
 
 
 def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
-                       parameterization: str, learned_variance: bool = False):
-  """The inverse of `make_ddim_sampler`'s eta=0 sampler, compiled once per shape.
+                       parameterization: str, learned_variance: bool = False,
+                       encode_fn: EncodeFn | None = None):
+  """The inverse of `make_sampler`'s DDIM eta=0 sampler (inversion is DDIM by
+  definition: the deterministic ODE run forwards), compiled once per shape.
 
   Returns `invert(params, condition, images, *, num_steps, guidance_scale=1.0,
   fixed_point_iterations=2)` -> x_T float32 like images [B, H, W, C]: sampling
@@ -150,7 +252,7 @@ def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
              fixed_point_iterations=2):
     return diffusion.ddim_invert(
         _guided_model(apply_fn, params, condition, guidance_scale,
-                      learned_variance),
+                      learned_variance, encode_fn),
         diffusion.respace(schedule, num_steps), images,
         parameterization=parameterization, learned_variance=learned_variance,
         fixed_point_iterations=fixed_point_iterations)
@@ -159,10 +261,25 @@ def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
                                           "fixed_point_iterations"))
 
 
-def _guided_model(apply_fn, params, condition, guidance_scale, learned_variance):
+def _guided_model(apply_fn, params, condition, guidance_scale, learned_variance,
+                  encode_fn=None):
   """model_fn(x_t, t) of `apply_fn` on `condition`, classifier-free guided."""
-  def conditional(x_t, t, drop):
-    return apply_fn(params, x_t, t, diffusion.match_batch(condition, x_t.shape[0]),
-                    drop)
+  if encode_fn is None:
+    def conditional(x_t, t, drop):
+      return apply_fn(params, x_t, t,
+                      diffusion.match_batch(condition, x_t.shape[0]), drop)
+  else:
+    # `guided` calls the model on [conditional rows, unconditional rows]: encode
+    # those rows once, here, outside the sampler's loop.
+    rows = jax.tree.leaves(condition)[0].shape[0]
+    guided_rows = not (isinstance(guidance_scale, (int, float))
+                       and guidance_scale == 1)
+    drop = jnp.arange((1 + guided_rows) * rows) >= rows
+    encoded = encode_fn(params, diffusion.match_batch(condition, drop.shape[0]),
+                        drop)
+
+    def conditional(x_t, t, drop):
+      del drop  # encoded with the rows' drops already
+      return apply_fn(params, x_t, t, encoded, None)
   return diffusion.guided(conditional, guidance_scale,
                           learned_variance=learned_variance)

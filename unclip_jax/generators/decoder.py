@@ -6,8 +6,9 @@ join the caption's token sequence (the UNet's own text transformer, GLIDE's
 pathway) in every attention layer. For classifier-free guidance, z_i is replaced by
 a learned null embedding and the caption by the empty caption, independently, at
 the config's rates. The loss is the MSE to the noise, v or x0, plus improved DDPM's
-VLB term when the variance is learned. Sampling is guided DDIM over a respaced
-schedule, one compiled function; `invert` runs its eta=0 ODE the other way.
+VLB term when the variance is learned. Sampling is guided ddim, ddpm (small,
+large or the learned variance) or analytic over a respaced schedule, one
+compiled function; `invert` runs the DDIM eta=0 ODE the other way.
 """
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ import ml_collections
 from unclip_jax.errors import ConfigError
 from unclip_jax.generators import common
 from unclip_jax.generators.base import (IMAGE, IMAGE_EMBEDDING, TOKENS, ClipSizes,
-                                        Generator)
+                                        EpsMoments, Generator)
 from unclip_jax.models.precision import DTYPES
 from unclip_jax.models.unet import UNet
 
@@ -123,8 +124,10 @@ class Decoder(Generator):
     self.schedule = common.schedule_from_config(config)
     kwargs = dict(parameterization=self.parameterization,
                   learned_variance=self.learned_variance)
-    self._sampler = common.make_ddim_sampler(self.apply, self.schedule, **kwargs)
-    self._inverter = common.make_ddim_inverter(self.apply, self.schedule, **kwargs)
+    self._sampler = common.make_sampler(
+        self._apply_encoded, self.schedule, encode_fn=self._encode, **kwargs)
+    self._inverter = common.make_ddim_inverter(
+        self._apply_encoded, self.schedule, encode_fn=self._encode, **kwargs)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -170,6 +173,22 @@ class Decoder(Generator):
         deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
+  def _encode(self, params, condition, drop):
+    """The UNet's work on (z_i, tokens) alone, for rows dropped where `drop`
+    (z_i and caption together): computed once per sampler call."""
+    image_embedding, tokens = condition
+    return self.model.apply(
+        {"params": params}, None, None,
+        image_embedding=image_embedding.astype(jnp.float32),
+        tokens=fit_context(tokens, self.context_length),
+        drop_image_embedding=drop, drop_text=drop, return_conditioning=True)
+
+  def _apply_encoded(self, params, x_t, t, encoded, drop=None):
+    del drop  # in `encoded` already
+    if self.coordinate_channels:
+      x_t = with_coordinates(x_t)
+    return self.model.apply({"params": params}, x_t, t, conditioning=encoded)
+
   def losses(self, params, batch, rng: jax.Array, *, train: bool = True
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example loss [B] on a batch of `image` [B, R, R, 3] in [-1, 1],
@@ -211,30 +230,59 @@ class Decoder(Generator):
 
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
-             x_T: jax.Array | None = None, eta: float | None = None,
+             x_T: jax.Array | None = None, sampler: str | None = None,
+             eta: float | None = None, variance: str | None = None,
              clip_denoised: bool | None = None,
-             threshold_percentile: float | None = None) -> jax.Array:
+             threshold_percentile: float | None = None,
+             eps_moments: EpsMoments | None = None) -> jax.Array:
     """Images float32 [B, R, R, 3] (roughly in [-1, 1]) for `conditioning`: CLIP
     image embeddings z_i [B, D] (`image_embedding`) and caption tokens int [B, L]
-    (`tokens`, CLIP's tokenizer; absent or None: the empty caption), by guided
-    DDIM in one compiled call.
+    (`tokens`, CLIP's tokenizer; absent or None: the empty caption), in one
+    compiled call.
 
-    Options left None take `config.sample`. Guidance mixes the conditional output
-    with the one where z_i and the caption are both dropped. `x_T` [B, R, R, 3]:
-    the starting noise (else drawn from rng, the same whatever the condition).
+    Options left None take `config.sample`: `sampler` 'ddim' (`eta`), 'ddpm'
+    (`variance`: 'small', 'large' or 'learned'; None: what the model was
+    trained for) or 'analytic' (`eps_moments`, default the workdir's);
+    `threshold_percentile` (dynamic thresholding of the predicted x0, replacing
+    `clip_denoised`). Guidance mixes the conditional output with the one where
+    z_i and the caption are both dropped. `x_T` [B, R, R, 3]: the starting noise
+    (else drawn from rng, the same whatever the condition).
     """
     s = self.config.sample
     condition = self._condition(conditioning)
     side = self.resolution
+    num_steps = int(num_steps or s.num_steps)
+    chosen = common.sampler_options(self.config, sampler=sampler,
+                                    variance=variance, eta=eta,
+                                    learned_variance=self.learned_variance)
+    moments = common.moments_for_steps(
+        chosen["sampler"], num_steps, self.schedule.num_timesteps,
+        self.eps_moments if eps_moments is None else eps_moments)
+    if threshold_percentile is None:
+      threshold_percentile = s.get("threshold_percentile")
     return self._sampler(
-        params, condition, rng, shape=(condition[0].shape[0], side, side, 3),
-        num_steps=int(num_steps or s.num_steps),
+        params, condition, rng, moments,
+        shape=(condition[0].shape[0], side, side, 3), num_steps=num_steps,
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
-        eta=float(s.eta if eta is None else eta),
         clip_denoised=bool(s.clip_denoised if clip_denoised is None
                            else clip_denoised),
-        threshold_percentile=threshold_percentile, x_T=x_T)
+        threshold_percentile=(None if threshold_percentile is None
+                              else float(threshold_percentile)),
+        x_T=x_T, **chosen)
+
+  def estimate_eps_moments(self, params, batch, rng: jax.Array, *,
+                           grid_size: int) -> jax.Array:
+    """Gamma [grid_size] of the conditional decoder (z_i and caption kept) on
+    `image` [B, R, R, 3] in [-1, 1], `image_embedding`, `tokens`."""
+    condition = self._condition(batch)
+    encoded = self._encode(params, condition,
+                           jnp.zeros((condition[0].shape[0],), bool))
+    return common.estimate_moments_on_grid(
+        lambda x_t, t: self._apply_encoded(params, x_t, t, encoded),
+        self.schedule, batch[IMAGE], rng, grid_size=grid_size,
+        parameterization=self.parameterization,
+        learned_variance=self.learned_variance)
 
   def invert(self, params, conditioning, images: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
@@ -242,7 +290,7 @@ class Decoder(Generator):
     """x_T float32 [B, R, R, 3] of images [B, R, R, 3] in [-1, 1] under the eta=0
     sampler: `sample(..., x_T=x_T, eta=0, clip_denoised=False)` with the same
     conditioning, steps and guidance gives the images back (to the ODE's
-    discretisation error)."""
+    discretisation error). Inversion is DDIM whatever `sample.sampler` is."""
     s = self.config.sample
     return self._inverter(
         params, self._condition(conditioning), images,

@@ -4,9 +4,11 @@ A causal transformer (models/prior.py) over [caption token encodings, z_t, times
 noised z_i, query] predicts the clean z_i (`diffusion.parameterization` "x0", the
 paper's) with an MSE loss, on z_i standardised per dimension (or scaled by a
 constant). The caption is replaced by learned null embeddings at
-`model.text_drop_prob`, for classifier-free guidance. Sampling is DDIM over a
-respaced schedule with N candidates per caption in one batch, keeping the one whose
-direction best matches z_t; one compiled function.
+`model.text_drop_prob`, for classifier-free guidance. Sampling is ddim, ddpm or
+analytic (Analytic-DPM: the paper's) over a respaced schedule with N candidates
+per caption in one batch, keeping the one whose direction best matches z_t; one
+compiled function. No clipping or thresholding: z_i in the prior's space has no
+fixed range to clip to (thresholding assumes data in [-1, 1]).
 """
 import math
 from typing import Any
@@ -22,7 +24,7 @@ from unclip_jax.errors import ConfigError
 from unclip_jax.generators import common
 from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
                                         TEXT_ENCODINGS, TEXT_MASK, ClipSizes,
-                                        Generator)
+                                        EpsMoments, Generator)
 from unclip_jax.models.clip import l2_normalize
 from unclip_jax.models.precision import DTYPES
 from unclip_jax.models.prior import PriorTransformer
@@ -127,9 +129,19 @@ class Prior(Generator):
     self.schedule = common.schedule_from_config(config)
     self.parameterization = config.diffusion.parameterization
     self.text_drop_prob = config.model.text_drop_prob
-    # One compiled function per (shapes, num_steps, guidance_scale, candidates, eta).
+    # Analytic-DPM bounds E Var(x0 | x_t) per dimension by the data's mean
+    # second moment: 1 once standardised; scale^2 / D for a unit-norm z_i
+    # multiplied by a constant (1 for sqrt_dim).
+    if config.model.embedding_scale == "standardize":
+      self.x0_variance_bound = 1.0
+    else:
+      self.x0_variance_bound = float(np.mean(1.0 / np.square(
+          np.asarray(scaler.std)))) / scaler.std.shape[0]
+    # One compiled function per (shapes, num_steps, guidance_scale, candidates,
+    # sampler, eta, variance).
     self._sampler = jax.jit(self._sample, static_argnames=(
-        "num_steps", "guidance_scale", "num_candidates", "eta"))
+        "num_steps", "guidance_scale", "num_candidates", "sampler", "eta",
+        "variance"))
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -206,26 +218,37 @@ class Prior(Generator):
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
              x_T: jax.Array | None = None, num_candidates: int | None = None,
-             eta: float | None = None) -> jax.Array:
+             sampler: str | None = None, eta: float | None = None,
+             variance: str | None = None,
+             eps_moments: EpsMoments | None = None) -> jax.Array:
     """Image embeddings float32 [B, D] in CLIP space (not renormalised) for
     captions given as `conditioning`: z_t [B, D] (`text_embedding`), token
     encodings [B, L, W] (`text_encodings`), their mask bool [B, L] (`text_mask`)
     and optionally `drop_text` bool [B] (rows sampled without their caption, e.g.
     an empty prompt). `x_T` [num_candidates * B, D]: the starting noise, candidate
-    c of caption b in row c * B + b. Options left None take `config.sample`."""
+    c of caption b in row c * B + b. `sampler` 'ddim' (`eta`), 'ddpm'
+    (`variance` 'small' or 'large') or 'analytic' (`eps_moments`, default the
+    workdir's). Options left None take `config.sample`."""
     s = self.config.sample
+    num_steps = int(num_steps or s.num_steps)
+    chosen = common.sampler_options(self.config, sampler=sampler,
+                                    variance=variance, eta=eta,
+                                    learned_variance=False)
+    moments = common.moments_for_steps(
+        chosen["sampler"], num_steps, self.schedule.num_timesteps,
+        self.eps_moments if eps_moments is None else eps_moments)
     return self._sampler(
         params, conditioning[TEXT_EMBEDDING], conditioning[TEXT_ENCODINGS],
         conditioning[TEXT_MASK], rng, drop_text=conditioning.get(DROP_TEXT),
-        x_T=x_T, num_steps=int(num_steps or s.num_steps),
+        x_T=x_T, eps_moments=moments, num_steps=num_steps,
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
-        num_candidates=int(num_candidates or s.num_candidates),
-        eta=float(s.eta if eta is None else eta))
+        num_candidates=int(num_candidates or s.num_candidates), **chosen)
 
   def _sample(self, params, text_embedding, text_encodings, text_mask, rng, *,
               drop_text, x_T, num_steps: int, guidance_scale: float,
-              num_candidates: int, eta: float) -> jax.Array:
+              num_candidates: int, eta: float, sampler: str = "ddim",
+              variance: str | None = None, eps_moments=None) -> jax.Array:
     batch_size = text_embedding.shape[0]
     # Candidates run as one batch: row c * B + b is candidate c of caption b.
     tiled = diffusion.match_batch((text_embedding, text_encodings, text_mask),
@@ -236,10 +259,25 @@ class Prior(Generator):
       conditional = lambda x_t, t, drop: caption_model(
           x_t, t, drop | diffusion.match_batch(drop_text, x_t.shape[0]))
     model_fn = diffusion.guided(conditional, guidance_scale)
-    x = diffusion.ddim_sample(
-        model_fn, diffusion.respace(self.schedule, num_steps),
+    x = diffusion.sample(
+        sampler, model_fn, diffusion.respace(self.schedule, num_steps),
         shape=(num_candidates * batch_size, self.model.embed_dim), rng=rng,
-        parameterization=self.parameterization, eta=eta, x_T=x_T)
+        parameterization=self.parameterization, eta=eta, variance=variance,
+        eps_moments=eps_moments, x0_variance_bound=self.x0_variance_bound,
+        x_T=x_T)
     candidates = self.scaler.from_model(x).reshape(
         num_candidates, batch_size, self.model.embed_dim)
     return select_best_candidate(candidates, text_embedding)
+
+  def estimate_eps_moments(self, params, batch, rng: jax.Array, *,
+                           grid_size: int) -> jax.Array:
+    """Gamma [grid_size] of the captioned prior (no guidance) on held-out
+    `image_embedding` (scaled as in training) and its caption's z_t, token
+    encodings and mask."""
+    conditional = self._conditional_model(
+        params, batch[TEXT_EMBEDDING], batch[TEXT_ENCODINGS], batch[TEXT_MASK])
+    x0 = self.scaler.to_model(batch[IMAGE_EMBEDDING].astype(jnp.float32))
+    keep = jnp.zeros((x0.shape[0],), bool)
+    return common.estimate_moments_on_grid(
+        lambda x_t, t: conditional(x_t, t, keep), self.schedule, x0, rng,
+        grid_size=grid_size, parameterization=self.parameterization)

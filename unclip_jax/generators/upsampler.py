@@ -9,7 +9,7 @@ random crop of `crop_fraction` of the side, at the same place in the target and
 in the upsampled low-res image. Every random choice comes from the step's rng,
 so the loader only delivers full images. Because the network has only
 convolutions, the params trained on crops run on the full image when sampling
-(DDIM over a respaced schedule, one compiled call).
+(ddim, ddpm or analytic over a respaced schedule, one compiled call).
 """
 from typing import Any
 
@@ -20,7 +20,8 @@ import ml_collections
 from unclip_jax.data import degradations
 from unclip_jax.errors import ConfigError
 from unclip_jax.generators import common
-from unclip_jax.generators.base import IMAGE, LOW_RES, ClipSizes, Generator
+from unclip_jax.generators.base import (IMAGE, LOW_RES, ClipSizes, EpsMoments,
+                                        Generator)
 from unclip_jax.models.precision import DTYPES
 from unclip_jax.models.unet import UNet
 
@@ -97,7 +98,7 @@ class Upsampler(Generator):
     self.resolution = config.data.resolution
     self.parameterization = config.diffusion.parameterization
     self.schedule = common.schedule_from_config(config)
-    self._sampler = common.make_ddim_sampler(
+    self._sampler = common.make_sampler(
         self._apply, self.schedule, parameterization=self.parameterization)
 
   @classmethod
@@ -185,24 +186,52 @@ class Upsampler(Generator):
 
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
-             x_T: jax.Array | None = None, eta: float | None = None,
-             clip_denoised: bool | None = None) -> jax.Array:
+             x_T: jax.Array | None = None, sampler: str | None = None,
+             eta: float | None = None, variance: str | None = None,
+             clip_denoised: bool | None = None,
+             threshold_percentile: float | None = None,
+             eps_moments: EpsMoments | None = None) -> jax.Array:
     """Low-res images `low_res` [B, h, w, 3] in [-1, 1] (`conditioning`) -> float32
-    [B, h*f, w*f, 3] by DDIM (options left None take `config.sample`). Any h, w
-    with h*f, w*f divisible by 2^(levels - 1) work: the model is convolutions
-    only. Unconditional: `guidance_scale` must be None or 1."""
+    [B, h*f, w*f, 3] (options left None take `config.sample`; `sampler`,
+    `variance`, `threshold_percentile` as `Decoder.sample`; no learned variance
+    here). Any h, w with h*f, w*f divisible by 2^(levels - 1) work: the model is
+    convolutions only. Unconditional: `guidance_scale` must be None or 1."""
     if guidance_scale not in (None, 1, 1.0):
       raise ValueError("an upsampler is unconditional: it takes no guidance_scale")
     s = self.config.sample
     low_res = jnp.asarray(conditioning[LOW_RES], jnp.float32)
     batch, height, width, channels = low_res.shape
+    num_steps = int(num_steps or s.num_steps)
+    chosen = common.sampler_options(self.config, sampler=sampler,
+                                    variance=variance, eta=eta,
+                                    learned_variance=False)
+    moments = common.moments_for_steps(
+        chosen["sampler"], num_steps, self.schedule.num_timesteps,
+        self.eps_moments if eps_moments is None else eps_moments)
+    if threshold_percentile is None:
+      threshold_percentile = s.get("threshold_percentile")
     return self._sampler(
-        params, low_res, rng,
+        params, low_res, rng, moments,
         shape=(batch, height * self.factor, width * self.factor, channels),
-        num_steps=int(num_steps or s.num_steps),
-        eta=float(s.eta if eta is None else eta),
+        num_steps=num_steps,
         clip_denoised=bool(s.clip_denoised if clip_denoised is None
-                           else clip_denoised), x_T=x_T)
+                           else clip_denoised),
+        threshold_percentile=(None if threshold_percentile is None
+                              else float(threshold_percentile)),
+        x_T=x_T, **chosen)
+
+  def estimate_eps_moments(self, params, batch, rng: jax.Array, *,
+                           grid_size: int) -> jax.Array:
+    """Gamma [grid_size] on full held-out images `image` [B, R, R, 3] in
+    [-1, 1], conditioned on their degraded low-res inputs (no added noise): the
+    full-size images the sampler makes, not the training crops."""
+    degrade_rng, noise_rng = jax.random.split(rng)
+    images = batch[IMAGE].astype(jnp.float32)
+    low_res = self.degrade(degrade_rng, images)
+    return common.estimate_moments_on_grid(
+        lambda x_t, t: self._apply(params, x_t, t, low_res), self.schedule,
+        images, noise_rng, grid_size=grid_size,
+        parameterization=self.parameterization)
 
 
 def bilinear_upsample(low_res: jax.Array, factor: int) -> jax.Array:

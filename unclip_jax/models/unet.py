@@ -75,14 +75,21 @@ class UNet(nn.Module):
         raise ValueError(f"norm_groups={self.norm_groups} must divide every width "
                          f"base_channels * mult = {self.base_channels * mult}")
 
-  def _conditioning(self, batch, timesteps, image_embedding, tokens,
-                    drop_image_embedding, drop_text):
-    """-> (emb [batch, 4 * base_channels], context [batch, m, w] | None, mask)."""
+  def _time_embedding(self, timesteps: jax.Array) -> jax.Array:
+    """int32 [batch] -> [batch, 4 * base_channels]."""
     emb_width = 4 * self.base_channels
     emb = timestep_embedding(timesteps, self.base_channels)
     emb = Dense(emb_width, (EMBED, MLP), self.dtype, name="time_embed_0")(emb)
-    emb = Dense(emb_width, (MLP, EMBED), self.dtype,
-                name="time_embed_1")(nn.silu(emb))
+    return Dense(emb_width, (MLP, EMBED), self.dtype,
+                 name="time_embed_1")(nn.silu(emb))
+
+  def _conditioning(self, batch, image_embedding, tokens, drop_image_embedding,
+                    drop_text):
+    """What depends on the condition alone, not on x_t or t: (added to the
+    timestep embedding [batch, 4 * base_channels] or None, context
+    [batch, m, w] | None, context mask bool [batch, m] | None)."""
+    emb_width = 4 * self.base_channels
+    emb = None
     context, context_mask = [], []
 
     if self.image_embedding_dim:
@@ -95,8 +102,8 @@ class UNet(nn.Module):
         image_embedding = jnp.where(drop_image_embedding[:, None], null[None],
                                     image_embedding)
       image_embedding = image_embedding.astype(self.dtype)
-      emb = emb + Dense(emb_width, (EMBED, MLP), self.dtype,
-                        name="image_embed")(image_embedding)
+      emb = Dense(emb_width, (EMBED, MLP), self.dtype,
+                  name="image_embed")(image_embedding)
       if self.num_image_tokens:
         width = self.text_width if self.has_text else self.context_width
         kernel = param(self, "image_tokens_kernel", nn.initializers.normal(
@@ -123,7 +130,8 @@ class UNet(nn.Module):
           self.vocab_size, self.context_length, self.text_width, self.text_depth,
           self.text_heads, self.dtype, remat_lib.policy_name(self.remat),
           name="caption_encoder")(tokens)
-      emb = emb + Dense(emb_width, (EMBED, MLP), self.dtype, name="text_embed")(pooled)
+      text_emb = Dense(emb_width, (EMBED, MLP), self.dtype, name="text_embed")(pooled)
+      emb = text_emb if emb is None else emb + text_emb
       context.append(text)
       context_mask.append(text_mask)
     elif tokens is not None:
@@ -136,13 +144,15 @@ class UNet(nn.Module):
     return emb, context, jnp.concatenate(context_mask, axis=1)
 
   @nn.compact
-  def __call__(self, x: jax.Array, timesteps: jax.Array, *,
+  def __call__(self, x: jax.Array | None, timesteps: jax.Array | None, *,
                image_embedding: jax.Array | None = None,
                tokens: jax.Array | None = None,
                low_res: jax.Array | None = None,
                drop_image_embedding: jax.Array | None = None,
                drop_text: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               conditioning: tuple | None = None,
+               return_conditioning: bool = False):
     """Predicts the diffusion target from a noisy image.
 
     Args:
@@ -154,9 +164,19 @@ class UNet(nn.Module):
       drop_image_embedding, drop_text: bool [batch], classifier-free guidance
         drops (z_i -> learned null embedding; caption -> all-pad caption).
       deterministic: False enables dropout (needs a 'dropout' rng).
+      conditioning: what `return_conditioning=True` returned for the same
+        condition, in place of image_embedding, tokens and the drops: a sampler
+        computes it once, not at every step.
+      return_conditioning: return only the condition's part (x, timesteps
+        unused): a pytree of [batch, ...] arrays.
     Returns:
       float32 [batch, height, width, out_channels].
     """
+    if return_conditioning:
+      rows = next(a for a in (image_embedding, tokens, drop_image_embedding,
+                              drop_text) if a is not None).shape[0]
+      return self._conditioning(rows, image_embedding, tokens,
+                                drop_image_embedding, drop_text)
     self._check_widths()
     attention_levels = self._attention_levels()
     batch, height, width, _ = x.shape
@@ -174,8 +194,13 @@ class UNet(nn.Module):
       raise ValueError(f"input has {x.shape[-1]} channels, expected in_channels="
                        f"{self.in_channels} (+3 low-res)")
 
-    emb, context, context_mask = self._conditioning(
-        batch, timesteps, image_embedding, tokens, drop_image_embedding, drop_text)
+    if conditioning is None:
+      conditioning = self._conditioning(batch, image_embedding, tokens,
+                                        drop_image_embedding, drop_text)
+    condition_emb, context, context_mask = conditioning
+    emb = self._time_embedding(timesteps)
+    if condition_emb is not None:
+      emb = emb + condition_emb
     res_block = remat_lib.remat(ResBlock, self.remat, static_argnums=(3,))
     attn_block = remat_lib.remat(AttentionBlock, self.remat)
 

@@ -82,15 +82,21 @@ class UnCLIPPipeline(Manipulations):
     return self.generate(prompts, num_images, seed, **kwargs).images
 
   def generate(self, prompts: str | Sequence[str], num_images: int = 4,
-               seed: int = 0, *, prior_steps: int | None = None,
-               prior_guidance: float | None = None,
-               prior_candidates: int | None = None,
-               decoder_steps: int | None = None,
-               decoder_guidance: float | None = None,
-               decoder_eta: float | None = None,
-               upsampler_steps: int | Sequence[int] | None = None) -> Samples:
+               seed: int = 0, **sampling) -> Samples:
     """Images for prompts with every intermediate (z_t, z_i, x_T, each stage's
-    images). Options left None take the stage config's `sample.*` values."""
+    images).
+
+    `sampling`: per-stage options (docs/sampling.md), each left None taking
+    the stage config's `sample.*` value: `prior_sampler`, `prior_steps`,
+    `prior_guidance`, `prior_candidates`, `prior_eta`, `prior_variance`;
+    `decoder_sampler`, `decoder_steps`, `decoder_guidance`, `decoder_eta`,
+    `decoder_variance`, `decoder_threshold`; `upsampler_sampler`,
+    `upsampler_steps`, `upsampler_eta`, `upsampler_variance`,
+    `upsampler_threshold` (one for all upsamplers or a list of one each).
+    A sampler is 'ddim', 'ddpm' or 'analytic'.
+    """
+    options.check_names("generate", sampling,
+                        options.PRIOR + options.DECODER + options.UPSAMPLER)
     if self.stages.prior is None:
       raise UserError("this pipeline has no prior, so it cannot sample from text; "
                       "load one with from_workdirs(prior=DIR)")
@@ -98,11 +104,10 @@ class UnCLIPPipeline(Manipulations):
     num_images = options.count("num_images", num_images)
     prior = self.stages.prior
     prior_kwargs = options.prior_options(
-        prior.config, steps=prior_steps, guidance=prior_guidance,
-        candidates=prior_candidates)
-    decoder_kwargs = self._decoder_options(decoder_steps, decoder_guidance,
-                                           decoder_eta)
-    upsampler_kwargs = self._upsampler_steps(upsampler_steps)
+        prior.config, moments=prior.eps_moments is not None,
+        **options.of_stage("prior", sampling))
+    decoder_kwargs = self._decoder_options(sampling)
+    upsampler_kwargs = self._upsampler_options(sampling)
     keys = _Keys(seed)
 
     encoded = self._encode_prompts(prompts)
@@ -130,17 +135,17 @@ class UnCLIPPipeline(Manipulations):
   def decode(self, image_embeddings: np.ndarray, *,
              captions: str | Sequence[str] | None = None,
              noise: np.ndarray | None = None, seed: int = 0,
-             decoder_steps: int | None = None, decoder_guidance: float | None = None,
-             decoder_eta: float | None = None, clip_denoised: bool | None = None,
-             upsampler_steps: int | Sequence[int] | None = None) -> Samples:
+             clip_denoised: bool | None = None, **sampling) -> Samples:
     """Images for CLIP image embeddings z_i [N, D] (or [D]) through the decoder
     and upsamplers.
 
     `captions`: one for all rows or one per row (None: no caption). `noise`: the
     decoder's x_T ([N, r, r, 3] or one [r, r, 3] for all; None: drawn from
     seed). With a given x_T, clip_denoised defaults to False, so that
-    decoding `invert`'s x_T with eta=0 reconstructs the image.
+    decoding `invert`'s x_T with DDIM at eta=0 reconstructs the image.
+    `sampling`: the decoder_* and upsampler_* options of `generate`.
     """
+    options.check_names("decode", sampling, options.DECODER + options.UPSAMPLER)
     image_embeddings = np.atleast_2d(np.asarray(image_embeddings, np.float32))
     rows, width = image_embeddings.shape[0], self.clip.embed_dim
     if image_embeddings.ndim != 2 or not rows or image_embeddings.shape[1] != width:
@@ -153,9 +158,8 @@ class UnCLIPPipeline(Manipulations):
     return self._decode(
         image_embeddings, self._caption_tokens(captions, rows),
         self.noise(seed, rows) if noise is None else noise, _Keys(seed),
-        self._decoder_options(decoder_steps, decoder_guidance, decoder_eta,
-                              clip_denoised),
-        self._upsampler_steps(upsampler_steps))
+        self._decoder_options(sampling, clip_denoised),
+        self._upsampler_options(sampling))
 
   def encode_text(self, prompts: str | Sequence[str]) -> np.ndarray:
     """CLIP text embeddings z_t, float32 [N, D] unit-norm."""
@@ -211,17 +215,23 @@ class UnCLIPPipeline(Manipulations):
         {"tokens": tokens}, chunk_size(len(tokens), self.max_batch))
     return tuple(out)
 
-  def _decoder_options(self, steps, guidance, eta, clip_denoised=None) -> dict:
-    return options.decoder_options(self.stages.decoder.config, steps=steps,
-                                   guidance=guidance, eta=eta,
-                                   clip_denoised=clip_denoised)
+  def _decoder_options(self, sampling: dict, clip_denoised=None) -> dict:
+    decoder = self.stages.decoder
+    return options.decoder_options(
+        decoder.config, clip_denoised=clip_denoised,
+        moments=decoder.eps_moments is not None,
+        **options.of_stage("decoder", sampling))
 
-  def _upsampler_steps(self, steps) -> list[int]:
-    return options.upsampler_steps([u.config for u in self.stages.upsamplers],
-                                   steps)
+  def _upsampler_options(self, sampling: dict) -> list[dict]:
+    upsamplers = self.stages.upsamplers
+    return options.upsampler_options(
+        [u.config for u in upsamplers],
+        moments=[u.eps_moments is not None for u in upsamplers],
+        **options.of_stage("upsampler", sampling))
 
   def _decode(self, image_embeddings, decoder_tokens, noise, keys: "_Keys",
-              decoder_kwargs: dict, upsampler_steps: list[int], **fields) -> Samples:
+              decoder_kwargs: dict, upsampler_kwargs: list[dict], **fields
+              ) -> Samples:
     """Decoder then upsamplers over rows -> Samples with `fields` added."""
     decoder = self.stages.decoder
 
@@ -233,14 +243,14 @@ class UnCLIPPipeline(Manipulations):
     images = self._map_rows(decode, {
         IMAGE_EMBEDDING: image_embeddings, TOKENS: decoder_tokens, "noise": noise})
     cascade = [images]
-    for index, (stage, steps) in enumerate(zip(self.stages.upsamplers,
-                                               upsampler_steps)):
+    for index, (stage, kwargs) in enumerate(zip(self.stages.upsamplers,
+                                                upsampler_kwargs)):
       key = jax.random.fold_in(keys.upsampler, index)
       cascade.append(self._map_rows(
-          lambda chunk, start, stage=stage, steps=steps, key=key:
+          lambda chunk, start, stage=stage, kwargs=kwargs, key=key:
           stage.generator.sample(
               stage.params, {LOW_RES: jnp.clip(chunk[LOW_RES], -1, 1)},
-              jax.random.fold_in(key, start), num_steps=steps),
+              jax.random.fold_in(key, start), **kwargs),
           {LOW_RES: cascade[-1]}))
     cascade = tuple(images_lib.to_uint8(x) for x in cascade)
     return Samples(images=cascade[-1], cascade=cascade,

@@ -3,14 +3,17 @@
   python -m unclip_jax.sample --clip DIR --prior DIR --decoder DIR \
       --upsampler DIR [--upsampler DIR ...] --prompt "..." [--prompt ...] \
       --num_images N --seed S --out FILE.png
-  python -m unclip_jax.sample variations --image IMG [--eta 1.0] ...
+  python -m unclip_jax.sample variations --image IMG [--eta 1.0]
+      [--latents inverted|random] ...
   python -m unclip_jax.sample interpolate --image A --image B [--frames 5]
       [--latents fixed|inverted] ...
   python -m unclip_jax.sample text_diff --image IMG --from_caption "..."
       --to_caption "..." [--frames 5] [--max_theta 0.5] ...
 
 `generate` (the default) writes a row per prompt; the manipulations write one
-strip, the input image(s) included. See docs/sampling.md.
+strip, the input image(s) included. Every stage's sampler, steps, eta, variance
+(and guidance, thresholding where the stage has them) is a flag; the
+manipulations decode with DDIM themselves. See docs/sampling.md.
 """
 from absl import flags
 from absl import logging as absl_logging
@@ -19,6 +22,11 @@ from unclip_jax import cli
 from unclip_jax.errors import UserError
 
 COMMANDS = ("generate", "variations", "interpolate", "text_diff")
+# diffusion.SAMPLERS and DDPM_VARIANCES (tests hold them equal), spelled out so
+# that --help and flag errors come back without importing jax.
+SAMPLERS = ("ddim", "ddpm", "analytic")
+VARIANCES = ("small", "large", "learned")
+_LATENTS_DEFAULT = {"variations": "inverted", "interpolate": "fixed"}
 _MIN_TILE = 64  # small images are enlarged by pixel repetition to this side
 
 _CLIP = flags.DEFINE_string("clip", None, "the CLIP stage's workdir")
@@ -31,22 +39,52 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt; repeat for more row
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4,
                                    "images per prompt (variations: in all)")
 _SEED = flags.DEFINE_integer("seed", 0, "the same seed gives the same images")
+_SAMPLER_HELP = ("ddim (eta), ddpm (variance) or analytic (needs the "
+                 "workdir's eps_moments.json); default: the stage config's")
+_PRIOR_SAMPLER = flags.DEFINE_enum("prior_sampler", None, SAMPLERS, _SAMPLER_HELP)
 _PRIOR_STEPS = flags.DEFINE_integer("prior_steps", None, "default: prior config")
 _PRIOR_GUIDANCE = flags.DEFINE_float("prior_guidance", None, "default: config")
 _PRIOR_CANDIDATES = flags.DEFINE_integer("prior_candidates", None,
                                          "default: config")
+_PRIOR_ETA = flags.DEFINE_float("prior_eta", None, "ddim's eta; default: config")
+_PRIOR_VARIANCE = flags.DEFINE_enum("prior_variance", None, VARIANCES[:2],
+                                    "ddpm's variance; default: small")
+_DECODER_SAMPLER = flags.DEFINE_enum("decoder_sampler", None, SAMPLERS,
+                                     _SAMPLER_HELP + " (generate only)")
 _DECODER_STEPS = flags.DEFINE_integer("decoder_steps", None, "default: config")
 _DECODER_GUIDANCE = flags.DEFINE_float("decoder_guidance", None, "default: config")
+_DECODER_ETA = flags.DEFINE_float("decoder_eta", None,
+                                  "ddim's eta (generate only); default: config")
+_DECODER_VARIANCE = flags.DEFINE_enum(
+    "decoder_variance", None, VARIANCES,
+    "ddpm's variance (generate only); default: what the decoder was trained for")
+_DECODER_THRESHOLD = flags.DEFINE_float(
+    "decoder_threshold", None,
+    "dynamic thresholding percentile, e.g. 99.5; default: config (off)")
+_UPSAMPLER_SAMPLER = flags.DEFINE_multi_enum(
+    "upsampler_sampler", None, SAMPLERS,
+    _SAMPLER_HELP + "; once for all upsamplers or once each")
 _UPSAMPLER_STEPS = flags.DEFINE_multi_integer(
     "upsampler_steps", None, "one value for all upsamplers or one each")
+_UPSAMPLER_ETA = flags.DEFINE_multi_float(
+    "upsampler_eta", None, "ddim's eta; once for all upsamplers or once each")
+_UPSAMPLER_VARIANCE = flags.DEFINE_multi_enum(
+    "upsampler_variance", None, VARIANCES[:2],
+    "ddpm's variance; once for all upsamplers or once each")
+_UPSAMPLER_THRESHOLD = flags.DEFINE_multi_float(
+    "upsampler_threshold", None,
+    "dynamic thresholding percentile; once for all upsamplers or once each")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "rows per compiled call")
 _IMAGE = flags.DEFINE_multi_string("image", [], "an input image (manipulations)")
 _CAPTION = flags.DEFINE_string("caption", None,
                                "a caption for the decoder (manipulations)")
 _ETA = flags.DEFINE_float("eta", 1.0, "variations: DDIM eta (> 0 adds variety)")
 _FRAMES = flags.DEFINE_integer("frames", 5, "images in an interpolation or diff")
-_LATENTS = flags.DEFINE_enum("latents", "fixed", ["fixed", "inverted"],
-                             "interpolate: one x_T, or slerp the inverted ones")
+_LATENTS = flags.DEFINE_enum(
+    "latents", None, ["fixed", "inverted", "random"],
+    "variations: inverted (default: the image's own DDIM-inverted x_T) or "
+    "random; interpolate: fixed (default: one x_T) or inverted (slerp the "
+    "inverted ones)")
 _FROM_CAPTION = flags.DEFINE_string("from_caption", None, "text_diff: from")
 _TO_CAPTION = flags.DEFINE_string("to_caption", None, "text_diff: to")
 _MAX_THETA = flags.DEFINE_float("max_theta", 0.5, "text_diff: last fraction")
@@ -71,6 +109,12 @@ def _check_inputs(command: str) -> None:
       raise UserError("no --prompt given; pass one per row of the grid")
     if not _PRIOR.value:
       raise UserError("generate needs --prior DIR (the prior's workdir)")
+  latents = _LATENTS.value
+  if latents is not None and latents not in {
+      "variations": ("inverted", "random"),
+      "interpolate": ("fixed", "inverted")}.get(command, ()):
+    raise UserError(f"--latents={latents} does not apply to {command}; "
+                    "variations take inverted|random, interpolate fixed|inverted")
   if command == "text_diff" and (_FROM_CAPTION.value is None
                                  or _TO_CAPTION.value is None):
     raise UserError("text_diff needs --from_caption and --to_caption")
@@ -80,32 +124,44 @@ def _check_inputs(command: str) -> None:
       raise UserError(f"--{name}={value}: must be >= 1")
 
 
-def _upsampler_steps():
-  steps = _UPSAMPLER_STEPS.value
-  return steps[0] if steps and len(steps) == 1 else steps
+def _one_or_each(values):
+  """A repeated flag: None, one value for all upsamplers, or a list of one each."""
+  return values[0] if values and len(values) == 1 else (values or None)
 
 
 def _run(pipe, command: str):
   """(samples, input images shown first in the strip, row labels)."""
-  common = dict(decoder_steps=_DECODER_STEPS.value,
-                decoder_guidance=_DECODER_GUIDANCE.value,
-                upsampler_steps=_upsampler_steps())
+  common = dict(
+      decoder_steps=_DECODER_STEPS.value, decoder_guidance=_DECODER_GUIDANCE.value,
+      decoder_threshold=_DECODER_THRESHOLD.value,
+      upsampler_sampler=_one_or_each(_UPSAMPLER_SAMPLER.value),
+      upsampler_steps=_one_or_each(_UPSAMPLER_STEPS.value),
+      upsampler_eta=_one_or_each(_UPSAMPLER_ETA.value),
+      upsampler_variance=_one_or_each(_UPSAMPLER_VARIANCE.value),
+      upsampler_threshold=_one_or_each(_UPSAMPLER_THRESHOLD.value))
+  # The manipulations decode by DDIM themselves and refuse these in one line.
+  decoder_sampler = dict(decoder_sampler=_DECODER_SAMPLER.value,
+                         decoder_eta=_DECODER_ETA.value,
+                         decoder_variance=_DECODER_VARIANCE.value)
   images = _IMAGE.value
+  latents = _LATENTS.value or _LATENTS_DEFAULT.get(command)
   if command == "generate":
     samples = pipe.generate(
         _PROMPT.value, _NUM_IMAGES.value, _SEED.value,
-        prior_steps=_PRIOR_STEPS.value, prior_guidance=_PRIOR_GUIDANCE.value,
-        prior_candidates=_PRIOR_CANDIDATES.value, **common)
+        prior_sampler=_PRIOR_SAMPLER.value, prior_steps=_PRIOR_STEPS.value,
+        prior_guidance=_PRIOR_GUIDANCE.value,
+        prior_candidates=_PRIOR_CANDIDATES.value, prior_eta=_PRIOR_ETA.value,
+        prior_variance=_PRIOR_VARIANCE.value, **decoder_sampler, **common)
     return samples, [], list(_PROMPT.value)
-  strip = dict(caption=_CAPTION.value, **common)
+  strip = dict(caption=_CAPTION.value, **decoder_sampler, **common)
   if command == "variations":
     samples = pipe.variations(images[0], _NUM_IMAGES.value, _ETA.value,
-                              _SEED.value, **strip)
-    return samples, images, [f"variations, eta {_ETA.value:g}"]
+                              _SEED.value, latents=latents, **strip)
+    return samples, images, [f"variations, {latents} x_T, eta {_ETA.value:g}"]
   if command == "interpolate":
     samples = pipe.interpolate(images[0], images[1], _FRAMES.value,
-                               latents=_LATENTS.value, seed=_SEED.value, **strip)
-    return samples, images, [f"interpolation, {_LATENTS.value} x_T"]
+                               latents=latents, seed=_SEED.value, **strip)
+    return samples, images, [f"interpolation, {latents} x_T"]
   samples = pipe.text_diff(images[0], _FROM_CAPTION.value, _TO_CAPTION.value,
                            _FRAMES.value, _MAX_THETA.value, seed=_SEED.value,
                            **strip)

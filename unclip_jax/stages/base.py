@@ -7,7 +7,9 @@ sampler are its generator's (unclip_jax/generators/): `GeneratorStage` adapts
 one to training.
 """
 import abc
-from typing import Any, Iterator, Mapping
+import functools
+import logging
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,11 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import generators
-from unclip_jax.generators.base import ClipSizes
+from unclip_jax.generators import common
+from unclip_jax.generators.base import ClipSizes, EpsMoments
+from unclip_jax.parallel import distributed
+
+log = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray]
 
@@ -93,3 +99,44 @@ class GeneratorStage(Stage):
     per_example, aux = self.generator.losses(params, batch, rng)
     return per_example.mean(), {k: v.astype(jnp.float32).mean()
                                 for k, v in aux.items()}
+
+  @functools.cached_property
+  def _eps_moments_fn(self):
+    return jax.jit(functools.partial(
+        self.generator.estimate_eps_moments,
+        grid_size=self.config.sample.moments_timesteps))
+
+  def record_eps_moments(self, params: Any, step: int,
+                         examples: Callable[[], Mapping[str, np.ndarray]]
+                         ) -> EpsMoments | None:
+    """Analytic-DPM's Gamma of the EMA params at `sample.moments_timesteps`
+    original timesteps, on the first `sample.moments_examples` held-out
+    `examples()` (model inputs [N, ...]); call it before the evaluation samples.
+
+    At the last step (the loop evaluates there) it is written to
+    workdir/eps_moments.json for `generators.load`. When the config samples with
+    'analytic' it is estimated at every evaluation too, for that evaluation's
+    samples. Every process computes (the params span them); process 0 writes.
+    """
+    last = step == self.config.total_steps
+    s = self.config.sample
+    if not last and s.get("sampler") != "analytic":
+      return None
+    examples = examples()
+    count = min(s.moments_examples, len(next(iter(examples.values()))))
+    size = min(count, self.config.eval.batch_size)
+    # Whole batches only: the mean of equal-sized batches' means is the mean.
+    batches = count // size
+    rng = jax.random.key(self.config.seed + 4)
+    gammas = [np.asarray(distributed.to_host(self._eps_moments_fn(
+        params, {k: v[i * size:(i + 1) * size] for k, v in examples.items()},
+        jax.random.fold_in(rng, i)))) for i in range(batches)]
+    moments = EpsMoments(
+        timesteps=tuple(common.moments_grid(self.config.diffusion.num_timesteps,
+                                            s.moments_timesteps).tolist()),
+        values=tuple(np.mean(gammas, axis=0).tolist()), step=step,
+        num_examples=batches * size)
+    self.generator.eps_moments = moments
+    if last and jax.process_index() == 0:
+      log.info("wrote %s", moments.write(self.workdir))
+    return moments

@@ -143,6 +143,10 @@ class DecoderStage(GeneratorStage):
     metrics = {f"eval/{name}": total / count for name, total in sums.items()}
 
     examples = self.held_out(self.eval_examples()[:c.eval.num_examples])
+    # Gamma for sampler='analytic', on the same examples, before the samples.
+    self.record_eps_moments(params, step, lambda: {
+        IMAGE: examples[IMAGE].astype(np.float32) / 127.5 - 1.0,
+        IMAGE_EMBEDDING: examples[IMAGE_EMBEDDING], TOKENS: examples[TOKENS]})
     samples = self._sample_all(params, examples, jax.random.fold_in(rng, 1 << 20))
     metrics.update(self._clip_agreement(samples, examples))
     metrics.update(self._clip_agreement(examples[IMAGE], examples, "_truth"))

@@ -128,6 +128,8 @@ class PriorStage(GeneratorStage):
     # The same t, noise and x_T at every evaluation: curves are not sampling noise.
     loss_rng, sample_rng = jax.random.split(jax.random.key(c.seed + 1))
     size = c.eval.batch_size
+    # Gamma for sampler='analytic' (the paper preset's), before its samples.
+    self.record_eps_moments(params, step, lambda: loss_examples)
     losses = map_batches(lambda batch, start: self._eval_losses(
         params, batch, jax.random.fold_in(loss_rng, start)), loss_examples, size)
     sampled = map_batches(lambda batch, start: self.generator.sample(

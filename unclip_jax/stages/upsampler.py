@@ -126,6 +126,9 @@ class UpsamplerStage(GeneratorStage):
                                       jax.random.fold_in(rng, index))
       losses.append(distributed.to_host(per_example))
       weights.append(batch["mask"])
+    # Gamma for sampler='analytic', on held-out images, before the samples.
+    self.record_eps_moments(params, step, lambda: {
+        pipeline.IMAGE: self._eval_images(self.eval_examples())})
     images = self._upsampled(params, step)
     return {
         "eval/loss": float(np.average(np.concatenate(losses),

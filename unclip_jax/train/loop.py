@@ -12,7 +12,7 @@ from unclip_jax.checkpoints import manager as checkpoint
 from unclip_jax.errors import Preempted
 from unclip_jax.parallel import distributed
 from unclip_jax.parallel import mesh as mesh_lib
-from unclip_jax.train import config_checks, progress
+from unclip_jax.train import config_checks, peak, progress
 from unclip_jax.train import setup as setup_lib
 from unclip_jax.train.metrics import MetricWriter
 
@@ -58,7 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   meter = progress.Progress(
       total_steps=config.total_steps, batch_size=config.batch_size,
       flops_per_step_per_device=run.flops_per_step / mesh.size,
-      peak_flops=progress.peak_flops_per_device(config.get("peak_flops")))
+      peak_flops=peak.peak_flops_per_device(config.get("peak_flops"), config.dtype))
 
   writer = MetricWriter(workdir)
   step = int(jax.device_get(train_state.step))

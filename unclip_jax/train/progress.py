@@ -1,27 +1,6 @@
 """Throughput, MFU and ETA for the log line (warm-up steps are not counted)."""
 import time
 
-import jax
-
-# Peak dense FLOP/s per device by device kind (bf16 on accelerators). The CPU
-# figure is the f32 matmul rate measured on the 2-core development machine.
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-    "cpu": 2.6e11,
-}
-
-
-def peak_flops_per_device(override: float | None = None) -> float:
-  if override:
-    return float(override)
-  kind = jax.devices()[0].device_kind
-  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if kind.startswith(name) or kind.lower() == name:
-      return PEAK_FLOPS[name]
-  return PEAK_FLOPS["cpu"] if jax.devices()[0].platform == "cpu" else 0.0
-
 
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
