@@ -44,6 +44,21 @@ def _setup_logging() -> None:
   ours.propagate = False
 
 
+def default_clip_config(fallback_preset: str):
+  """configs/clip.py with the preset of --config (`...prior.py:paper` ->
+  `clip.py:paper`; `fallback_preset` when --config names none): the CLIP whose
+  sizes a prior or decoder takes when no --clip_config is given."""
+  from configs import clip as clip_configs  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  filename = config_flags.get_config_filename(flags.FLAGS["config"])
+  preset = filename.split(":", 1)[1] if ":" in filename else fallback_preset
+  try:
+    return clip_configs.get_config(preset)
+  except ValueError:
+    raise UserError(f"configs/clip.py has no preset {preset!r}; pass "
+                    "--clip_config configs/clip.py:<preset>") from None
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, with one-line errors for what the user can fix."""
   def wrapped(argv):

@@ -155,18 +155,6 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _default_clip_config():
-  """configs/clip.py with the preset of --config (e.g. ...prior.py:paper)."""
-  from configs import clip as clip_configs
-  filename = config_flags.get_config_filename(flags.FLAGS["config"])
-  preset = filename.split(":", 1)[1] if ":" in filename else "paper"
-  try:
-    return clip_configs.get_config(preset)
-  except ValueError:
-    raise UserError(f"configs/clip.py has no preset {preset!r}; pass "
-                    "--clip_config configs/clip.py:<preset>") from None
-
-
 def main(argv):
   del argv
   if not os.environ.get("JAX_PLATFORMS"):
@@ -183,7 +171,7 @@ def main(argv):
   topology = topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
   clip_config = _CLIP_CONFIG.value
   if clip_config is None and stages.get_stage(config.stage).reads_clip:
-    clip_config = _default_clip_config()
+    clip_config = cli.default_clip_config("paper")
   hbm = _HBM_GIB.value * 2**30 if _HBM_GIB.value else None
   report = compile_for_topology(config, topology, clip_config, hbm)
   print(format_report(report))

@@ -99,3 +99,22 @@ def test_stage_processes_run_on_cpu_unless_the_user_or_the_host_says_otherwise()
   assert chosen["JAX_PLATFORMS"] == "cpu" and chosen["PATH"] == "/bin"  # no TPU here
   assert distributed.cpu_only_unless_accelerated({"JAX_PLATFORMS": "cuda"}) == {
       "JAX_PLATFORMS": "cuda"}
+
+
+def test_the_demo_chain_ends_at_64_px_through_two_upsamplers():
+  """The paper's chain in small: decoder 16 px -> 32 px -> 64 px, each
+  upsampler reading the side the stage before it makes."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  by_name = {stage.name: stage for stage in plan.STAGES}
+  assert plan.UPSAMPLERS == ("upsampler", "upsampler2")
+  side = importlib.import_module("configs.decoder").get_config("demo").data.resolution
+  for name in plan.UPSAMPLERS:
+    stage = by_name[name]
+    config = importlib.import_module(f"configs.{stage.config_name}").get_config(
+        stage.preset)
+    assert config.model.low_res == side
+    side = config.data.resolution
+    assert f"--config={stage.config_name}.py:{stage.preset}" in " ".join(
+        stage.command("/root")).replace(os.path.dirname(
+            importlib.import_module("configs").__file__) + "/", "")
+  assert side == 64

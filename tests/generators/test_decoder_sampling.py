@@ -39,7 +39,7 @@ def test_encoding_once_gives_the_per_step_samples(decoder_and_params,
                                                   guidance_scale):
   decoder, params = decoder_and_params
   conditioning = _conditioning(decoder)
-  per_step = common.make_ddim_sampler(
+  per_step = common.make_sampler(
       decoder.apply, decoder.schedule, parameterization=decoder.parameterization,
       learned_variance=decoder.learned_variance)
   condition = decoder._condition(conditioning)  # pylint: disable=protected-access

@@ -58,14 +58,7 @@ def _clip_config(config):
     return None
   if _CLIP_CONFIG.value is not None:
     return _CLIP_CONFIG.value
-  from configs import clip as clip_configs  # pylint: disable=import-outside-toplevel
-  filename = config_flags.get_config_filename(flags.FLAGS["config"])
-  preset = filename.split(":", 1)[1] if ":" in filename else "demo"
-  try:
-    return clip_configs.get_config(preset)
-  except ValueError:
-    raise UserError(f"configs/clip.py has no preset {preset!r}; pass "
-                    "--clip_config configs/clip.py:<preset>") from None
+  return cli.default_clip_config("demo")
 
 
 def _config():

@@ -195,6 +195,35 @@ def moments_for_steps(sampler: str, num_steps: int, num_timesteps: int,
                                                            num_steps)))
 
 
+def resolve_sampling(generator, *, num_steps: int | None, sampler: str | None,
+                     variance: str | None, eta: float | None,
+                     eps_moments: EpsMoments | None,
+                     learned_variance: bool = False) -> tuple[jax.Array | None, dict]:
+  """(eps moments for the kept steps or None, the static sampler keywords
+  num_steps / sampler / variance / eta) from the caller's options or the
+  generator's `config.sample`; shared by every generator's `sample`."""
+  num_steps = int(num_steps or generator.config.sample.num_steps)
+  chosen = sampler_options(generator.config, sampler=sampler, variance=variance,
+                           eta=eta, learned_variance=learned_variance)
+  moments = moments_for_steps(
+      chosen["sampler"], num_steps, generator.schedule.num_timesteps,
+      generator.eps_moments if eps_moments is None else eps_moments)
+  return moments, {"num_steps": num_steps, **chosen}
+
+
+def image_sampling(config: ml_collections.ConfigDict, *, clip_denoised: bool | None,
+                   threshold_percentile: float | None) -> dict:
+  """The decoder's and upsamplers' static x0 processing: `clip_denoised` and
+  `threshold_percentile` from the caller or `config.sample`."""
+  s = config.sample
+  if threshold_percentile is None:
+    threshold_percentile = s.get("threshold_percentile")
+  return {"clip_denoised": bool(s.clip_denoised if clip_denoised is None
+                                else clip_denoised),
+          "threshold_percentile": (None if threshold_percentile is None
+                                   else float(threshold_percentile))}
+
+
 def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
                  parameterization: str, learned_variance: bool = False,
                  encode_fn: EncodeFn | None = None,
@@ -231,10 +260,6 @@ def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
   return jax.jit(sample, static_argnames=(
       "shape", "num_steps", "sampler", "eta", "variance", "guidance_scale",
       "clip_denoised", "threshold_percentile"))
-
-
-# The DDIM-only name it had: `sampler` defaults to "ddim".
-make_ddim_sampler = make_sampler
 
 
 def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,

@@ -251,25 +251,17 @@ class Decoder(Generator):
     s = self.config.sample
     condition = self._condition(conditioning)
     side = self.resolution
-    num_steps = int(num_steps or s.num_steps)
-    chosen = common.sampler_options(self.config, sampler=sampler,
-                                    variance=variance, eta=eta,
-                                    learned_variance=self.learned_variance)
-    moments = common.moments_for_steps(
-        chosen["sampler"], num_steps, self.schedule.num_timesteps,
-        self.eps_moments if eps_moments is None else eps_moments)
-    if threshold_percentile is None:
-      threshold_percentile = s.get("threshold_percentile")
+    moments, chosen = common.resolve_sampling(
+        self, num_steps=num_steps, sampler=sampler, variance=variance, eta=eta,
+        eps_moments=eps_moments, learned_variance=self.learned_variance)
     return self._sampler(
         params, condition, rng, moments,
-        shape=(condition[0].shape[0], side, side, 3), num_steps=num_steps,
+        shape=(condition[0].shape[0], side, side, 3),
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
-        clip_denoised=bool(s.clip_denoised if clip_denoised is None
-                           else clip_denoised),
-        threshold_percentile=(None if threshold_percentile is None
-                              else float(threshold_percentile)),
-        x_T=x_T, **chosen)
+        x_T=x_T, **chosen, **common.image_sampling(
+            self.config, clip_denoised=clip_denoised,
+            threshold_percentile=threshold_percentile))
 
   def estimate_eps_moments(self, params, batch, rng: jax.Array, *,
                            grid_size: int) -> jax.Array:

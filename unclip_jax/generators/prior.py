@@ -230,17 +230,13 @@ class Prior(Generator):
     (`variance` 'small' or 'large') or 'analytic' (`eps_moments`, default the
     workdir's). Options left None take `config.sample`."""
     s = self.config.sample
-    num_steps = int(num_steps or s.num_steps)
-    chosen = common.sampler_options(self.config, sampler=sampler,
-                                    variance=variance, eta=eta,
-                                    learned_variance=False)
-    moments = common.moments_for_steps(
-        chosen["sampler"], num_steps, self.schedule.num_timesteps,
-        self.eps_moments if eps_moments is None else eps_moments)
+    moments, chosen = common.resolve_sampling(
+        self, num_steps=num_steps, sampler=sampler, variance=variance, eta=eta,
+        eps_moments=eps_moments)
     return self._sampler(
         params, conditioning[TEXT_EMBEDDING], conditioning[TEXT_ENCODINGS],
         conditioning[TEXT_MASK], rng, drop_text=conditioning.get(DROP_TEXT),
-        x_T=x_T, eps_moments=moments, num_steps=num_steps,
+        x_T=x_T, eps_moments=moments,
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
         num_candidates=int(num_candidates or s.num_candidates), **chosen)

@@ -198,27 +198,17 @@ class Upsampler(Generator):
     convolutions only. Unconditional: `guidance_scale` must be None or 1."""
     if guidance_scale not in (None, 1, 1.0):
       raise ValueError("an upsampler is unconditional: it takes no guidance_scale")
-    s = self.config.sample
     low_res = jnp.asarray(conditioning[LOW_RES], jnp.float32)
     batch, height, width, channels = low_res.shape
-    num_steps = int(num_steps or s.num_steps)
-    chosen = common.sampler_options(self.config, sampler=sampler,
-                                    variance=variance, eta=eta,
-                                    learned_variance=False)
-    moments = common.moments_for_steps(
-        chosen["sampler"], num_steps, self.schedule.num_timesteps,
-        self.eps_moments if eps_moments is None else eps_moments)
-    if threshold_percentile is None:
-      threshold_percentile = s.get("threshold_percentile")
+    moments, chosen = common.resolve_sampling(
+        self, num_steps=num_steps, sampler=sampler, variance=variance, eta=eta,
+        eps_moments=eps_moments)
     return self._sampler(
         params, low_res, rng, moments,
         shape=(batch, height * self.factor, width * self.factor, channels),
-        num_steps=num_steps,
-        clip_denoised=bool(s.clip_denoised if clip_denoised is None
-                           else clip_denoised),
-        threshold_percentile=(None if threshold_percentile is None
-                              else float(threshold_percentile)),
-        x_T=x_T, **chosen)
+        x_T=x_T, **chosen, **common.image_sampling(
+            self.config, clip_denoised=clip_denoised,
+            threshold_percentile=threshold_percentile))
 
   def estimate_eps_moments(self, params, batch, rng: jax.Array, *,
                            grid_size: int) -> jax.Array:
