@@ -54,7 +54,8 @@ COMMANDS = ("ceiling", "train_step", "sampling", "prior_sampling", "chain")
 def _clip_config(config):
   """--clip_config, or configs/clip.py with the --config preset; None for a
   stage that reads no CLIP."""
-  if config.stage not in ("prior", "decoder"):
+  from unclip_jax import stages  # pylint: disable=import-outside-toplevel
+  if not stages.get_stage(config.stage).reads_clip:
     return None
   if _CLIP_CONFIG.value is not None:
     return _CLIP_CONFIG.value

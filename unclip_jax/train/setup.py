@@ -67,11 +67,11 @@ def setup(config, stage, mesh: Mesh) -> TrainSetup:
   check_sharding(jax.eval_shape(stage.init_params, rng), mesh, rules, config)
   abstract_state, state_shardings = state.abstract_state(
       stage.init_params, tx, mesh, rules, rng)
-  batch_shardings = partitioning.shard_batch_tree(stage.abstract_batch(), mesh,
-                                                  rules)
+  batch = stage.abstract_batch()
+  batch_shardings = partitioning.shard_batch_tree(batch, mesh, rules)
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      stage.abstract_batch(), batch_shardings)
+      batch, batch_shardings)
   abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                                       sharding=partitioning.replicated(mesh))
   compiled, flops = step_lib.compile_train_step(
