@@ -20,6 +20,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # Stop (one-line error) after this many consecutive steps skipped for a
+  # non-finite loss or gradient norm; 0 never stops. Counted from the metrics
+  # fetched at log time (no extra host sync), so the run stops up to
+  # log_every - 1 steps after the limit is reached.
+  c.max_consecutive_skips = 20
   # Compute dtype: "bfloat16" runs matmuls, attention and convolutions in
   # bf16; params, optimizer state, norm statistics, softmax and losses stay f32.
   c.dtype = "float32"

@@ -38,6 +38,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c.diffusion.schedule = "cosine"
   c.diffusion.num_timesteps = 1000
   c.diffusion.parameterization = "x0"  # §2.1: the prior predicts z_i itself
+  # Signal-to-noise ratio multiplied by this at every step (< 1: noisier;
+  # diffusion/schedules.py shift_snr). 1 in the paper.
+  c.diffusion.snr_shift = 1.0
 
   # Sampling (evaluation, and the defaults of the sampling pipeline).
   c.sample = ml_collections.ConfigDict()

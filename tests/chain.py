@@ -1,7 +1,7 @@
 """One tiny trained unCLIP chain (CLIP, prior, decoder, upsampler), for tests that
 sample through the whole stack.
 
-Import the fixture into a conftest.py (`from tests.chain import tiny_chain`). The
+tests/conftest.py imports the fixture, so the whole session trains it once. The
 stage configs are the ones tests/stages/ train, so within one session the
 persistent compilation cache serves their programs to both.
 """

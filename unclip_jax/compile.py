@@ -18,6 +18,7 @@ width, context, vocabulary) from `--clip_config`, by default
 configs/clip.py with the same preset.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from unclip_jax import cli, stages
 from unclip_jax.errors import ConfigError, UserError
 from unclip_jax.generators.base import ClipSizes
 from unclip_jax.parallel import coverage, partitioning, topologies
-from unclip_jax.parallel.mesh import make_mesh
+from unclip_jax.parallel.mesh import make_mesh, resolve_shape
 from unclip_jax.train import config_checks
 from unclip_jax.train import setup as setup_lib
 
@@ -90,7 +91,8 @@ def compile_for_topology(config: ml_collections.ConfigDict,
   if topology.num_slices > 1 and np.prod(config.mesh.dcn_shape) == 1:
     config.mesh.dcn_shape = (topology.num_slices, 1, 1)  # DCN carries data
   config_checks.check_common(config, num_devices=len(devices),
-                             num_processes=1)
+                             num_processes=1, num_slices=topology.num_slices,
+                             reads_data=False)
   stage = stage_for_compile(config, clip_config)
   try:
     mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
@@ -162,13 +164,19 @@ def main(argv):
     # the slice.
     jax.config.update("jax_platforms", "cpu")
   config = _CONFIG.value
+  if _HBM_GIB.value is not None and _HBM_GIB.value <= 0:
+    raise UserError(f"--hbm_gib={_HBM_GIB.value}: must be > 0 (or left out: "
+                    "the chip's HBM)")
+  topology = topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
   if _MESH.value:
+    chips = math.prod(topology.grid)  # per slice: the mesh is in-slice
     try:
       config.mesh.shape = tuple(int(s) for s in _MESH.value.split(","))
+      resolve_shape(config.mesh.shape, chips)
     except ValueError:
-      raise UserError(f"--mesh={_MESH.value!r}: use data,fsdp,tensor, e.g. "
-                      "16,8,1") from None
-  topology = topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
+      raise UserError(f"--mesh={_MESH.value}: use data,fsdp,tensor sizes that "
+                      f"multiply to the slice's {chips} chips (one may be -1), "
+                      f"e.g. {chips},1,1") from None
   clip_config = _CLIP_CONFIG.value
   if clip_config is None and stages.get_stage(config.stage).reads_clip:
     clip_config = cli.default_clip_config("paper")

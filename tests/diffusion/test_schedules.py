@@ -95,3 +95,19 @@ def test_respace_to_full_length_is_identity_and_bounds_checked():
     respace(full, 51)
   with pytest.raises(ValueError):
     schedule_from_betas(np.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_snr_shift_multiplies_the_signal_to_noise_ratio_at_every_step(name):
+  def snr(schedule):
+    alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+    return alpha_bar / (1.0 - alpha_bar)
+
+  plain, shifted = make_schedule(name, T), make_schedule(name, T, snr_shift=0.25)
+  # Away from the last steps, where max_beta clips both schedules.
+  np.testing.assert_allclose(snr(shifted)[:-2], 0.25 * snr(plain)[:-2], rtol=1e-3)
+  assert np.all(np.asarray(shifted.betas) > 0) and np.all(np.asarray(shifted.betas) <= 0.999)
+  np.testing.assert_array_equal(np.asarray(make_schedule(name, T, 1.0).betas),
+                                np.asarray(plain.betas))
+  with pytest.raises(ValueError, match="snr_shift"):
+    make_schedule(name, T, snr_shift=0.0)

@@ -1,19 +1,10 @@
-"""One tiny trained chain and one pipeline on it for every pipeline test: each
-sampler compiles once per shape for the session (max_batch=8 on the 8 test
-devices: every request runs in chunks of 8 rows)."""
+"""The tiny chain's training records for the pipeline tests (the chain and the
+`pipe` on it are session fixtures of tests/conftest.py)."""
 import pytest
 
-from tests.chain import tiny_chain  # noqa: F401  (a fixture, re-exported)
-
 
 @pytest.fixture(scope="session")
-def pipe(tiny_chain):  # pylint: disable=redefined-outer-name
-  from unclip_jax import UnCLIPPipeline
-  return UnCLIPPipeline.from_workdirs(**tiny_chain.as_kwargs(), max_batch=8)
-
-
-@pytest.fixture(scope="session")
-def training_records(tiny_chain):  # pylint: disable=redefined-outer-name
+def training_records(tiny_chain):
   """The first records of the chain's training split (16 px scenes, captions)."""
   from tests import chain
   from unclip_jax.data import pipeline

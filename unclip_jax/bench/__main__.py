@@ -21,7 +21,7 @@ configs/clip.py with the --config preset. Each prints one JSON line.
 """
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from unclip_jax import cli
@@ -51,6 +51,20 @@ _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 4, "chain: prompts per call")
 COMMANDS = ("ceiling", "train_step", "sampling", "prior_sampling", "chain")
 
 
+def check_request(commands: list[str], **counts: int | None) -> str:
+  """The benchmark the positional arguments name (default train_step), after
+  one-line errors for several of them or a count (--steps, ...) below 1."""
+  if len(commands) > 1:
+    raise UserError(f"one benchmark at a time; got {' '.join(commands)}")
+  command = commands[0] if commands else "train_step"
+  if command not in COMMANDS:
+    raise UserError(f"unknown benchmark {command!r}; use one of {', '.join(COMMANDS)}")
+  for name, value in counts.items():
+    if value is not None and value < 1:
+      raise UserError(f"--{name}={value}: must be >= 1")
+  return command
+
+
 def _clip_config(config):
   """--clip_config, or configs/clip.py with the --config preset; None for a
   stage that reads no CLIP."""
@@ -69,11 +83,9 @@ def _config():
 
 
 def main(argv):
-  if len(argv) > 2:
-    raise app.UsageError(f"one benchmark at a time; got {argv[1:]}")
-  command = argv[1] if len(argv) > 1 else "train_step"
-  if command not in COMMANDS:
-    raise UserError(f"unknown benchmark {command!r}; use one of {', '.join(COMMANDS)}")
+  command = check_request(argv[1:], steps=_STEPS.value, repeats=_REPEATS.value,
+                          batch=_BATCH.value, num_prompts=_NUM_PROMPTS.value,
+                          sampling_steps=_SAMPLING_STEPS.value)
   # Imported after the flags are parsed: --help stays fast.
   from unclip_jax.bench import sampling, timing, train_step  # pylint: disable=import-outside-toplevel
   if command == "ceiling":

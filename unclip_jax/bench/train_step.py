@@ -42,7 +42,7 @@ def bench_train_step(config: ml_collections.ConfigDict,
   "real": a new batch from the stage's data pipeline every step, fetched while
   the previous step runs, as the loop does.
   """
-  config_checks.check_common(config)
+  config_checks.check_common(config, reads_data=data == "real")
   stage = build_stage(config, clip_config, data=data, workdir=workdir)
   mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.dcn_shape)
   began = time.perf_counter()

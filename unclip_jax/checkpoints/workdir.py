@@ -3,9 +3,12 @@ the EMA params of one step, and the frozen_clip.json a prior or decoder wrote.
 
 `StageWorkdir(path, stage)` reads the config and the step list once and keeps
 one read-only orbax manager open for everything read after; every error is one
-line that says what to do.
+line that says what to do. A damaged newest checkpoint (manager.find_damage, or
+unreadable array data) is passed over for the newest one that reads, in one log
+line.
 """
 import json
+import logging
 import os
 from typing import Any
 
@@ -14,8 +17,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from unclip_jax.checkpoints import manager as manager_lib
-from unclip_jax.errors import WorkdirError
+from unclip_jax.errors import DamagedCheckpoint, WorkdirError
 from unclip_jax.parallel.local import local_replicated_sharding
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.json"
 # What a prior or decoder was trained on: the CLIP's fingerprint and sizes (+ extras).
@@ -61,11 +66,6 @@ def read_frozen_clip(workdir: str, stage: str) -> dict:
     return json.load(f)
 
 
-def _shapes(tree: Any) -> dict[str, tuple]:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 class StageWorkdir:
   """One trained stage's workdir, opened once: `config`, `steps`, `step(...)`,
   `restore_ema_params(...)`."""
@@ -79,14 +79,24 @@ class StageWorkdir:
     self._manager = manager_lib.make_manager(self.path, read_only=True)
     has_checkpoints = os.path.isdir(manager_lib.checkpoint_dir(self.path))
     self.steps = sorted(self._manager.all_steps()) if has_checkpoints else []
+    self._reported = set()  # damaged steps already logged
 
   def step(self, requested: int | None = None) -> int:
-    """`requested`, or the latest step; WorkdirError when there is none."""
+    """`requested`, or the newest step whose files are whole (damaged newer ones
+    are logged in one line); WorkdirError when there is none."""
     if not self.steps:
       raise WorkdirError(f"{self.path} has no checkpoint; train it first with "
                          f"{train_command(self.stage, self.path)}")
     if requested is None:
-      return self.steps[-1]
+      damaged = []
+      for step in reversed(self.steps):
+        path = self._step_dir(step)
+        if problem := manager_lib.find_damage(path, (manager_lib.STATE,)):
+          damaged.append(DamagedCheckpoint(step, path, problem))
+          continue
+        self._report(damaged, step)
+        return step
+      raise self._none_readable(damaged)
     if requested not in self.steps:
       raise WorkdirError(f"{self.path} has no checkpoint at step {requested}; it "
                          f"has steps {self.steps}")
@@ -99,6 +109,40 @@ class StageWorkdir:
   def frozen_clip(self) -> dict:
     return read_frozen_clip(self.path, self.stage)
 
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(manager_lib.checkpoint_dir(self.path), str(step))
+
+  def _report(self, damaged: list[DamagedCheckpoint], used: int) -> None:
+    new = [e for e in damaged if e.step not in self._reported]
+    if new:
+      self._reported.update(e.step for e in new)
+      log.warning("%s: %s; using step %d", self.path, "; ".join(
+          f"checkpoint {e.step} is damaged ({e.problem})" for e in new), used)
+
+  def _none_readable(self, damaged: list[DamagedCheckpoint]) -> WorkdirError:
+    return manager_lib.none_readable(
+        manager_lib.checkpoint_dir(self.path), damaged,
+        f"move them aside (e.g. into {self.path}/"
+        f"{manager_lib.DAMAGED_DIRNAME}/) and train again with "
+        f"{train_command(self.stage, self.path)}")
+
+  def restore_newest_ema_params(self, sharding: Any = None,
+                                expected: Any = None) -> tuple[int, Any]:
+    """(step, its EMA params) of the newest checkpoint that reads: damaged newer
+    ones are passed over and logged in one line. Arguments as
+    `restore_ema_params`; WorkdirError when none reads."""
+    self.step()  # no checkpoint at all: say how to train one
+    damaged = []
+    for step in reversed(self.steps):
+      try:
+        params = self.restore_ema_params(step, sharding, expected)
+      except DamagedCheckpoint as e:
+        damaged.append(e)
+        continue
+      self._report(damaged, step)
+      return step, params
+    raise self._none_readable(damaged)
+
   def restore_ema_params(self, step: int, sharding: Any = None,
                          expected: Any = None) -> Any:
     """Only the `ema_params` of checkpoint `step` (no optimizer state is read),
@@ -106,11 +150,19 @@ class StageWorkdir:
     like the params, or None (replicated on this host's devices).
 
     `expected`: the params this code would build (e.g. `jax.eval_shape` of
-    init); a checkpoint laid out otherwise is refused in one line.
+    init); a checkpoint laid out otherwise is refused in one line, a damaged
+    one too (DamagedCheckpoint, naming the file).
     """
     sharding = sharding or local_replicated_sharding()
-    saved = self._manager.item_metadata(step)[manager_lib.STATE]
-    saved = getattr(saved, "tree", saved)["ema_params"]
+    path = self._step_dir(step)
+    if problem := manager_lib.find_damage(path, (manager_lib.STATE,)):
+      raise DamagedCheckpoint(step, path, problem)
+    try:
+      saved = self._manager.item_metadata(step)[manager_lib.STATE]
+      saved = getattr(saved, "tree", saved)["ema_params"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpoint(step, path,
+                              manager_lib.describe_read_error(e, path)) from e
     if expected is not None:
       self._check_layout(saved, expected)
     if isinstance(sharding, jax.sharding.Sharding):
@@ -120,13 +172,19 @@ class StageWorkdir:
         saved, sharding)}
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        manager_lib.STATE: ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)}))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          manager_lib.STATE: ocp.args.PyTreeRestore(
+              item=target, restore_args=restore_args, partial_restore=True)}))
+    except Exception as e:  # pylint: disable=broad-except
+      # The layout was checked above: what is left is the files.
+      raise DamagedCheckpoint(step, path,
+                              manager_lib.describe_read_error(e, path)) from e
     return restored[manager_lib.STATE]["ema_params"]
 
   def _check_layout(self, saved: Any, expected: Any) -> None:
-    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    saved_shapes = manager_lib.param_shapes(saved)
+    expected_shapes = manager_lib.param_shapes(expected)
     if saved_shapes.keys() == expected_shapes.keys():
       for path, shape in expected_shapes.items():
         if saved_shapes[path] != shape:

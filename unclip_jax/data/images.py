@@ -6,7 +6,7 @@ import textwrap
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from unclip_jax.data.preprocess import center_crop_and_resize
 from unclip_jax.data.sources import IMAGE
@@ -94,30 +94,79 @@ def write_grid(path: str, images: np.ndarray, rows: int, cols: int | None = None
 
 # Images given to the pipeline and the CLI.
 
+MIN_IMAGE_SIDE = 8  # smaller is an icon or a placeholder, not a picture to vary
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_HOW = "pass a PNG or JPEG file, a PIL image or a uint8 array [H, W, 3]"
+
+
+def _open(path: str) -> Image.Image:
+  if not os.path.exists(path):
+    raise UserError(f"no image at {path}; check the path")
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a folder, not an image; {_HOW}")
+  try:
+    image = Image.open(path)
+    image.load()
+  except _READ_ERRORS as e:
+    reason = ("not a format PIL reads" if isinstance(e, UnidentifiedImageError)
+              else " ".join(str(e).split()) or type(e).__name__)
+    raise UserError(f"cannot read {path} as an image ({reason}); {_HOW}") from None
+  return image
+
+
+def _high_bit_depth_to_uint8(values: np.ndarray, what: str) -> np.ndarray:
+  """16-bit values (stored in uint16 or int32) -> uint8, 65535 -> 255."""
+  if values.min() < 0 or values.max() > 65535:
+    raise UserError(f"{what} holds values outside 0..65535; save it as an "
+                    "8-bit image")
+  return np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _pil_to_array(image: Image.Image, name: str) -> np.ndarray:
+  """Any PIL mode -> uint8 [H, W, 3]: transparency composited on white,
+  16-bit greyscale scaled to 8 bits, CMYK, palette, 1-bit and the rest
+  converted by PIL. `name` says which image in errors."""
+  if image.mode.startswith("I"):  # I;16 (16-bit PNG), I (32-bit integer)
+    grey = _high_bit_depth_to_uint8(np.asarray(image),
+                                    f"{name} (mode {image.mode})")
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if image.mode == "F":
+    raise UserError(f"{name} is floating-point (mode F), which has no fixed "
+                    "range; save it as an 8-bit image")
+  if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+      image.mode == "P" and "transparency" in image.info):
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, image.convert("RGBA"))
+  return np.asarray(image.convert("RGB"))
+
 
 def _to_array(image: Any) -> np.ndarray:
+  """A path, PIL image or array -> uint8 [H, W, 3] or [H, W, 4] (RGBA)."""
+  name = "an image"
   if isinstance(image, (str, os.PathLike)):
-    if not os.path.exists(image):
-      raise UserError(f"no image at {image}")
-    try:
-      image = Image.open(image)
-      image.load()
-    except OSError as e:
-      raise UserError(f"cannot read {image.filename} as an image: {e}") from None
+    name = os.fspath(image)
+    image = _open(name)
   if isinstance(image, Image.Image):
-    if image.mode in ("RGBA", "LA", "P"):  # transparent pixels onto white
-      background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-      image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = np.asarray(image.convert("RGB"))
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise UserError(f"images must be uint8 RGB arrays [H, W, 3] (or paths, PIL "
-                    f"images); got {image.dtype}")
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
+    image = _pil_to_array(image, name)
+  if not isinstance(image, np.ndarray):
+    raise UserError(f"got {type(image).__name__}, not an image; {_HOW}")
+  if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+    image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
   if image.ndim != 3 or image.shape[-1] not in (3, 4):
-    raise UserError(f"images must be [H, W, 3] (RGB) or [H, W, 4]; got shape "
-                    f"{list(image.shape)}")
+    raise UserError(f"images must be [H, W, 3] (RGB) or [H, W, 4] (RGBA); got "
+                    f"shape {list(image.shape)}")
+  if image.dtype == np.uint16:
+    image = _high_bit_depth_to_uint8(image, f"{name} (uint16)")
+  elif image.dtype == np.bool_:
+    image = image.astype(np.uint8) * 255
+  elif image.dtype != np.uint8:
+    raise UserError(f"images must be uint8 (0..255); got {image.dtype}: for "
+                    "floats in [0, 1] pass np.uint8(np.round(np.clip(image, 0, "
+                    "1) * 255))")
+  if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+    raise UserError(f"{name} is {image.shape[1]}x{image.shape[0]} px, too small "
+                    f"to show anything; pass one at least {MIN_IMAGE_SIDE} px "
+                    "on each side")
   return image
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import constants as tfds_constants
 
 from unclip_jax.data import builders
 from unclip_jax.data.builders import emoji_config
@@ -19,6 +22,8 @@ from unclip_jax.data.builders import emoji_config
 BUNDLED_BUILDERS = {"emoji": builders.Emoji, "emoji_scenes": builders.EmojiScenes}
 IMAGE = "image"
 CAPTION = "caption"
+
+log = logging.getLogger(__name__)
 
 
 def decode_text(value):
@@ -89,18 +94,38 @@ def _build_lock(data_dir: str, dataset: str, config_name: str):
 
   The first caller builds, the others wait and then find the dataset prepared. Hosts of a
   pod each build into their own local data_dir (the result is identical), or one host
-  builds into a shared bucket before the others start.
+  builds into a shared bucket before the others start. Yields whether the lock is held.
   """
   if "://" in data_dir:
-    yield
+    yield False
     return
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, f".{dataset}-{config_name}.lock"), "w") as lock_file:
-    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    fcntl.flock(lock_file, fcntl.LOCK_EX)  # The kernel releases it if we are killed.
     try:
-      yield
+      yield True
     finally:
       fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def remove_killed_builds(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Deletes the folders that killed builds of `builder`'s config left; returns them.
+
+  tfds (4.9) builds into `incomplete.XXXXXX_<version>/` beside the version folder and
+  renames it into place only when every file is written, so `is_prepared()` and readers
+  never see a half-built dataset. A SIGKILLed build skips tfds' own clean-up, though, and
+  the next build picks a new random name, so these folders would stay forever. Call it
+  only while holding the build lock: a build in progress has the same kind of name.
+  """
+  version_dir = epath.Path(builder.data_path)
+  pattern = f"{tfds_constants.INCOMPLETE_PREFIX}*_{version_dir.name}"
+  leftovers = sorted(os.fspath(path) for path in version_dir.parent.glob(pattern))
+  if leftovers:
+    log.warning("removing %s, left by a dataset build that was killed",
+                " and ".join(leftovers))
+  for leftover in leftovers:
+    epath.Path(leftover).rmtree()
+  return leftovers
 
 
 def prepare_bundled(name: str, *, resolution: int, num_emoji: int | None, seed: int,
@@ -115,9 +140,11 @@ def prepare_bundled(name: str, *, resolution: int, num_emoji: int | None, seed: 
   builder = make_builder()
   if builder.is_prepared():  # The common case: no lock, no writes.
     return builder
-  with _build_lock(os.fspath(builder.data_dir_root), name, config.name):
+  with _build_lock(os.fspath(builder.data_dir_root), name, config.name) as locked:
     builder = make_builder()  # Another process may have finished while we waited.
     if not builder.is_prepared():
+      if locked:
+        remove_killed_builds(builder)
       builder.download_and_prepare()
   return builder
 

@@ -19,6 +19,11 @@ FILENAME = "tokenizer.model"
 log = logging.getLogger(__name__)
 
 
+def partial_path(path: str) -> str:
+  """Where `Tokenizer.save(path)` writes before renaming into place."""
+  return path + ".tmp"
+
+
 class Tokenizer:
   """Encodes captions to int32 [N, context_length], right-padded with PAD_ID.
 
@@ -56,10 +61,14 @@ class Tokenizer:
     return cls(model.getvalue(), context_length)
 
   def save(self, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """Writes the model to `path` whole or not at all: a write killed midway leaves only
+    `partial_path(path)`, never a truncated `path`."""
+    partial = partial_path(path)
+    with open(partial, "wb") as f:
       f.write(self.model_proto)
-    os.replace(tmp, path)  # never leave a half-written tokenizer behind
+      f.flush()
+      os.fsync(f.fileno())  # the rename must not reach the disk before the bytes
+    os.replace(partial, path)
 
   @property
   def vocab_size(self) -> int:

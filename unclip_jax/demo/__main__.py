@@ -54,13 +54,14 @@ class _Reporter:
 def main(argv):
   del argv
   from unclip_jax.demo import evaluate, plan  # pylint: disable=import-outside-toplevel
+  from unclip_jax.train.config_checks import make_writable_dir  # pylint: disable=import-outside-toplevel
   # A `kill` ends the demo the way Ctrl-C does: through run_all's cleanup, which
   # stops the stage processes (each resumes from its checkpoint on a rerun).
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   if _NUM_IMAGES.value < 1:
     raise UserError(f"--num_images={_NUM_IMAGES.value}: must be >= 1")
   root = os.path.abspath(_WORKDIR.value)
-  os.makedirs(root, exist_ok=True)
+  make_writable_dir(root)  # before the first stage starts, not in its log
   started = time.monotonic()
   try:
     plan.run_all(root, _Reporter(started))

@@ -33,26 +33,31 @@ def generator_class(stage: str) -> type[Generator]:
 def load(workdir: str | StageWorkdir, stage: str, step: int | None = None,
          sharding: Any = None) -> Trained:
   """A trained `stage` generator from its workdir alone: config, generator, EMA
-  params (of the latest checkpoint, or `step`), the CLIP sizes and fingerprint
-  it was trained with, and the eps moments (`generator.eps_moments`, for
+  params (of the newest checkpoint that reads, or `step`), the CLIP sizes and
+  fingerprint it was trained with, and the eps moments (`generator.eps_moments`, for
   sampler='analytic') when the run wrote them.
 
   The params are restored onto `sharding` (one Sharding, a pytree of them, or
   None: replicated on this host's devices), whatever mesh they were trained on.
-  One-line WorkdirError for a missing, empty, wrong-stage or outdated workdir.
+  One-line WorkdirError for a missing, empty, wrong-stage or outdated workdir,
+  or one whose every checkpoint is damaged.
   """
   if not isinstance(workdir, StageWorkdir):
     with StageWorkdir(workdir, stage) as reader:
       return load(reader, stage, step, sharding)
   reader = workdir
-  step = reader.step(step)
+  newest = step is None
+  step = reader.step(step)  # a missing checkpoint fails before anything is built
   clip_sizes, fingerprint = None, None
   if stage in READS_CLIP:
     record = reader.frozen_clip()
     clip_sizes, fingerprint = ClipSizes.from_record(record), record["fingerprint"]
   generator = generator_class(stage).from_config(reader.config, clip_sizes)
-  params = reader.restore_ema_params(step, sharding,
-                                     expected=abstract_params(generator.init_params))
+  expected = abstract_params(generator.init_params)
+  if newest:  # a damaged newest checkpoint gives way to an older one (logged)
+    step, params = reader.restore_newest_ema_params(sharding, expected=expected)
+  else:
+    params = reader.restore_ema_params(step, sharding, expected=expected)
   # Estimated with the final step's params; an earlier `step` uses them too.
   generator.eps_moments = EpsMoments.read(reader.path)
   return Trained(config=reader.config, generator=generator, params=params,

@@ -42,6 +42,9 @@ def validate_diffusion_config(config: ml_collections.ConfigDict) -> None:
                       f"of {tuple(diffusion.PARAMETERIZATIONS)}")
   if d.num_timesteps < 1:
     raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps} must be >= 1")
+  if not d.get("snr_shift", 1.0) > 0:
+    raise ConfigError(f"diffusion.snr_shift={d.snr_shift} must be > 0 (1: the "
+                      "schedule as named)")
   if not 1 <= s.num_steps <= d.num_timesteps:
     raise ConfigError(f"sample.num_steps={s.num_steps}: must be in "
                       f"[1, diffusion.num_timesteps={d.num_timesteps}]")
@@ -105,9 +108,11 @@ def check_unet_config(config: ml_collections.ConfigDict, *,
 
 
 def schedule_from_config(config: ml_collections.ConfigDict) -> diffusion.Schedule:
-  """The training schedule `config.diffusion` names (T steps)."""
+  """The training schedule `config.diffusion` names (T steps); workdirs written
+  before `snr_shift` existed read as unshifted."""
   return diffusion.make_schedule(config.diffusion.schedule,
-                                 config.diffusion.num_timesteps)
+                                 config.diffusion.num_timesteps,
+                                 config.diffusion.get("snr_shift", 1.0))
 
 
 def image_losses(schedule: diffusion.Schedule, model_fn, images: jax.Array,

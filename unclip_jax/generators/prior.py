@@ -7,8 +7,11 @@ constant). The caption is replaced by learned null embeddings at
 `model.text_drop_prob`, for classifier-free guidance. Sampling is ddim, ddpm or
 analytic (Analytic-DPM: the paper's) over a respaced schedule with N candidates
 per caption in one batch, keeping the one whose direction best matches z_t; one
-compiled function. No clipping or thresholding: z_i in the prior's space has no
-fixed range to clip to (thresholding assumes data in [-1, 1]).
+compiled function. The caption never sees the step's tokens (causal attention):
+the sampler encodes it once per call, every layer's keys and values
+(`PriorTransformer.encode_prefix`), and each step runs only the 3 tokens after
+it. No clipping or thresholding: z_i in the prior's space has no fixed range to
+clip to (thresholding assumes data in [-1, 1]).
 """
 import math
 from typing import Any
@@ -27,7 +30,7 @@ from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
                                         EpsMoments, Generator)
 from unclip_jax.models.clip import l2_normalize
 from unclip_jax.models.precision import DTYPES
-from unclip_jax.models.prior import PriorTransformer
+from unclip_jax.models.prior import PrefixCache, PriorTransformer
 
 DROP_TEXT = "drop_text"  # optional conditioning: bool [B], sample without the caption
 
@@ -137,8 +140,14 @@ class Prior(Generator):
     else:
       self.x0_variance_bound = float(np.mean(1.0 / np.square(
           np.asarray(scaler.std)))) / scaler.std.shape[0]
-    # One compiled function per (shapes, num_steps, guidance_scale, candidates,
-    # sampler, eta, variance).
+    # The steps run the prior on the caption's cached prefix (encoded once per
+    # call); nested in `_sampler`, one compiled function per (shapes,
+    # num_steps, guidance_scale, candidates, sampler, eta, variance).
+    self._guided_sampler = common.make_sampler(
+        self._apply_cached, self.schedule,
+        parameterization=self.parameterization,
+        encode_fn=self._encode_caption,
+        x0_variance_bound=self.x0_variance_bound)
     self._sampler = jax.jit(self._sample, static_argnames=(
         "num_steps", "guidance_scale", "num_candidates", "sampler", "eta",
         "variance"))
@@ -193,6 +202,23 @@ class Prior(Generator):
           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
     return model_fn
 
+  def _encode_caption(self, params, condition, drop) -> PrefixCache:
+    """The prior's work on the caption alone, once per sampler call: the cached
+    prefix of condition (z_t [B, D], encodings [B, L, W], mask [B, L], drop_text
+    [B]) for rows whose caption is the learned null where `drop` [B] or
+    drop_text."""
+    text_embedding, text_encodings, text_mask, drop_text = condition
+    return self.model.apply({"params": params}, text_embedding, text_encodings,
+                            text_mask, drop | drop_text,
+                            method=PriorTransformer.encode_prefix)
+
+  def _apply_cached(self, params, x_t, t, prefix: PrefixCache, drop=None):
+    """The predicted x0 [B, D] for x_t [B, D] at timesteps t [B], from the rows'
+    `_encode_caption` prefix."""
+    del drop  # in `prefix` already
+    return self.model.apply({"params": params}, x_t, t, prefix,
+                            method=PriorTransformer.predict_from_prefix)
+
   def losses(self, params, batch, rng: jax.Array, *, train: bool = True
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example MSE to the scaled z_i [B], and `text_dropped` [B].
@@ -246,21 +272,19 @@ class Prior(Generator):
               num_candidates: int, eta: float, sampler: str = "ddim",
               variance: str | None = None, eps_moments=None) -> jax.Array:
     batch_size = text_embedding.shape[0]
+    context = self.model.context_length  # a shorter text context reads the first tokens
+    if drop_text is None:
+      drop_text = jnp.zeros((batch_size,), bool)
     # Candidates run as one batch: row c * B + b is candidate c of caption b.
-    tiled = diffusion.match_batch((text_embedding, text_encodings, text_mask),
-                                  num_candidates * batch_size)
-    conditional = self._conditional_model(params, *tiled)
-    if drop_text is not None:
-      caption_model = conditional
-      conditional = lambda x_t, t, drop: caption_model(
-          x_t, t, drop | diffusion.match_batch(drop_text, x_t.shape[0]))
-    model_fn = diffusion.guided(conditional, guidance_scale)
-    x = diffusion.sample(
-        sampler, model_fn, diffusion.respace(self.schedule, num_steps),
-        shape=(num_candidates * batch_size, self.model.embed_dim), rng=rng,
-        parameterization=self.parameterization, eta=eta, variance=variance,
-        eps_moments=eps_moments, x0_variance_bound=self.x0_variance_bound,
-        x_T=x_T)
+    condition = diffusion.match_batch(
+        (text_embedding, text_encodings[:, :context], text_mask[:, :context],
+         drop_text.astype(bool)), num_candidates * batch_size)
+    x = self._guided_sampler(
+        params, condition, rng, eps_moments,
+        shape=(num_candidates * batch_size, self.model.embed_dim),
+        num_steps=num_steps, sampler=sampler, eta=eta, variance=variance,
+        guidance_scale=guidance_scale, clip_denoised=False,
+        threshold_percentile=None, x_T=x_T)
     candidates = self.scaler.from_model(x).reshape(
         num_candidates, batch_size, self.model.embed_dim)
     return select_best_candidate(candidates, text_embedding)

@@ -2,6 +2,7 @@
 image embedding z_i from a noised z_i, the timestep and the caption."""
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -15,6 +16,17 @@ Dtype = Any
 
 # Tokens after the caption: z_t, timestep, noised z_i, query.
 NUM_EXTRA_TOKENS = 4
+
+
+@flax.struct.dataclass
+class PrefixCache:
+  """What the prior computes from a caption alone: every layer's keys and
+  values of the prefix [text encodings (L), z_t], each
+  [depth, batch, L + 1, heads, head_dim], and which prefix keys are real
+  (bool [batch, L + 1]; padding is hidden from the later tokens)."""
+  keys: jnp.ndarray
+  values: jnp.ndarray
+  key_valid: jnp.ndarray
 
 
 def _dense(features: int, dtype: Dtype, kernel_axes: tuple, bias_axes: tuple,
@@ -39,6 +51,11 @@ class PriorTransformer(nn.Module):
   inside the module, by a learned null sequence `null_text_encodings` (every
   position valid) and a learned `null_text_embedding`, so one compiled
   function serves conditional and unconditional rows.
+
+  Sampling: under causal attention the caption prefix [text encodings, z_t]
+  never sees the timestep or z_i, so a sampler runs `encode_prefix` once (every
+  layer's keys and values of the prefix) and `predict_from_prefix` per step
+  (the 3 later tokens only); training runs `__call__` on the whole sequence.
   """
   embed_dim: int
   text_width: int
@@ -91,13 +108,13 @@ class PriorTransformer(nn.Module):
     self.out = _dense(self.embed_dim, self.dtype, (EMBED, KEEP), (KEEP,),
                       "out")
 
-  def hidden_states(self, noised_image_embedding: jnp.ndarray,
-                    timesteps: jnp.ndarray, text_embedding: jnp.ndarray,
-                    text_encodings: jnp.ndarray, text_mask: jnp.ndarray,
-                    drop_text: jnp.ndarray,
-                    deterministic: bool = True) -> jnp.ndarray:
-    """The final-LayerNorm states of every token, [batch, L + 4, width]
-    float32 (same arguments as `__call__`)."""
+  def _caption_tokens(self, text_embedding: jnp.ndarray,
+                      text_encodings: jnp.ndarray, text_mask: jnp.ndarray,
+                      drop_text: jnp.ndarray
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The caption prefix [text encodings (L), z_t] with its positions,
+    [batch, L + 1, width], and which of its keys are real, bool [batch, L + 1].
+    Under causal attention nothing after it changes its states."""
     batch, length, _ = text_encodings.shape
     if length != self.context_length:
       raise ValueError(f"text_encodings have length {length}, the model "
@@ -108,30 +125,63 @@ class PriorTransformer(nn.Module):
                                text_encodings.astype(jnp.float32))
     text_embedding = jnp.where(drop[:, None], self.null_text_embedding[None],
                                text_embedding.astype(jnp.float32))
-    # The null sequence has no padding.
-    text_valid = jnp.where(drop[:, None], True, text_mask.astype(jnp.bool_))
+    # The null sequence has no padding; z_t is never masked.
+    key_valid = jnp.concatenate([
+        jnp.where(drop[:, None], True, text_mask.astype(jnp.bool_)),
+        jnp.ones((batch, 1), jnp.bool_)], axis=1)
+    x = jnp.concatenate([
+        self.text_encodings_in(text_encodings.astype(self.dtype)),
+        self.text_embedding_in(text_embedding.astype(self.dtype))[:, None],
+    ], axis=1)
+    positions = self.position_embedding[:self.context_length + 1]
+    return constrain_tokens(x + positions.astype(x.dtype)[None]), key_valid
 
+  def _step_tokens(self, noised_image_embedding: jnp.ndarray,
+                   timesteps: jnp.ndarray) -> jnp.ndarray:
+    """The tokens after the caption [timestep, noised z_i, query] with their
+    positions, [batch, 3, width]: all that changes between sampling steps."""
+    batch = noised_image_embedding.shape[0]
     time = timestep_embedding(timesteps, self.width).astype(self.dtype)
     time = self.time_fc_out(nn.silu(self.time_fc_in(time)))
     query = jnp.broadcast_to(self.query.astype(self.dtype),
                              (batch, self.width))
-    x = jnp.concatenate([
-        self.text_encodings_in(text_encodings.astype(self.dtype)),
-        jnp.stack([
-            self.text_embedding_in(text_embedding.astype(self.dtype)),
-            time,
-            self.image_embedding_in(
-                noised_image_embedding.astype(self.dtype)),
-            query,
-        ], axis=1),
+    x = jnp.stack([
+        time,
+        self.image_embedding_in(noised_image_embedding.astype(self.dtype)),
+        query,
     ], axis=1)
-    x = constrain_tokens(x + self.position_embedding.astype(x.dtype)[None])
+    positions = self.position_embedding[self.context_length + 1:]
+    return constrain_tokens(x + positions.astype(x.dtype)[None])
 
-    # The four tokens after the caption are never masked as keys.
+  def _predict_from_states(self, states: jnp.ndarray) -> jnp.ndarray:
+    """Transformer output [batch, tokens, width], query token last -> the
+    predicted z_i [batch, embed_dim] float32."""
+    query_state = self.ln_final(states[:, -1]).astype(jnp.float32)
+    return self.out(query_state.astype(self.dtype)).astype(jnp.float32)
+
+  def _transformer_states(self, noised_image_embedding, timesteps,
+                          text_embedding, text_encodings, text_mask, drop_text,
+                          deterministic):
+    """The whole sequence through the stack: [batch, L + 4, width]."""
+    caption, caption_valid = self._caption_tokens(
+        text_embedding, text_encodings, text_mask, drop_text)
+    steps = self._step_tokens(noised_image_embedding, timesteps)
+    x = constrain_tokens(jnp.concatenate([caption, steps], axis=1))
+    # The tokens after the caption are never masked as keys.
     key_valid = jnp.concatenate(
-        [text_valid, jnp.ones((batch, NUM_EXTRA_TOKENS), jnp.bool_)], axis=1)
-    x = self.transformer(x, key_valid, deterministic)
-    return self.ln_final(x).astype(jnp.float32)
+        [caption_valid, jnp.ones(steps.shape[:2], jnp.bool_)], axis=1)
+    return self.transformer(x, key_valid, deterministic)
+
+  def hidden_states(self, noised_image_embedding: jnp.ndarray,
+                    timesteps: jnp.ndarray, text_embedding: jnp.ndarray,
+                    text_encodings: jnp.ndarray, text_mask: jnp.ndarray,
+                    drop_text: jnp.ndarray,
+                    deterministic: bool = True) -> jnp.ndarray:
+    """The final-LayerNorm states of every token, [batch, L + 4, width]
+    float32 (same arguments as `__call__`)."""
+    return self.ln_final(self._transformer_states(
+        noised_image_embedding, timesteps, text_embedding, text_encodings,
+        text_mask, drop_text, deterministic)).astype(jnp.float32)
 
   def __call__(self, noised_image_embedding: jnp.ndarray,
                timesteps: jnp.ndarray, text_embedding: jnp.ndarray,
@@ -154,7 +204,30 @@ class PriorTransformer(nn.Module):
     Returns:
       [batch, embed_dim] float32, the predicted z_i (x0 prediction).
     """
-    states = self.hidden_states(noised_image_embedding, timesteps,
-                                text_embedding, text_encodings, text_mask,
-                                drop_text, deterministic)
-    return self.out(states[:, -1].astype(self.dtype)).astype(jnp.float32)
+    return self._predict_from_states(self._transformer_states(
+        noised_image_embedding, timesteps, text_embedding, text_encodings,
+        text_mask, drop_text, deterministic))
+
+  def encode_prefix(self, text_embedding: jnp.ndarray,
+                    text_encodings: jnp.ndarray, text_mask: jnp.ndarray,
+                    drop_text: jnp.ndarray) -> PrefixCache:
+    """The caption's part of the forward pass, for `predict_from_prefix`:
+    every layer's keys and values of [text encodings, z_t] (arguments as
+    `__call__`'s; no dropout). A sampler computes it once, not once per step."""
+    caption, caption_valid = self._caption_tokens(
+        text_embedding, text_encodings, text_mask, drop_text)
+    _, (keys, values) = self.transformer(caption, caption_valid,
+                                         return_key_values=True)
+    return PrefixCache(keys=keys, values=values, key_valid=caption_valid)
+
+  def predict_from_prefix(self, noised_image_embedding: jnp.ndarray,
+                          timesteps: jnp.ndarray,
+                          prefix: PrefixCache) -> jnp.ndarray:
+    """`__call__`'s prediction [batch, embed_dim] float32 from the caption's
+    `encode_prefix` (same rows): runs only the 3 tokens after the caption, which
+    attend to the cached keys and values and, causally, to each other."""
+    steps = self._step_tokens(noised_image_embedding, timesteps)
+    key_valid = jnp.concatenate(
+        [prefix.key_valid, jnp.ones(steps.shape[:2], jnp.bool_)], axis=1)
+    return self._predict_from_states(self.transformer(
+        steps, key_valid, prefix_key_values=(prefix.keys, prefix.values)))

@@ -151,6 +151,9 @@ class UnCLIPPipeline(Manipulations):
     if image_embeddings.ndim != 2 or not rows or image_embeddings.shape[1] != width:
       raise UserError(f"image_embeddings must be [N >= 1, {width}] (the CLIP's "
                       f"width); got {list(image_embeddings.shape)}")
+    if not np.isfinite(image_embeddings).all():
+      raise UserError("image_embeddings hold NaN or inf; pass CLIP embeddings, "
+                      "e.g. from pipe.encode_images(...)")
     if noise is not None:
       noise = np.broadcast_to(np.asarray(noise, np.float32), (rows,) + (
           self.base_resolution, self.base_resolution, 3))

@@ -50,7 +50,8 @@ def _check_reads_clip(clip: FrozenClip, stage: StageInfo, fields: tuple) -> None
     if trained_on[field] != clip_values[field]:
       _fail(f"the CLIP ({clip.workdir})", where,
             f"the {stage.name} was trained on a CLIP with {field}="
-            f"{trained_on[field]}, this CLIP has {clip_values[field]}")
+            f"{trained_on[field]}, this CLIP has {clip_values[field]}; pass "
+            f"the CLIP it was trained on ({trained_on['workdir']})")
   tokenizer = os.path.join(stage.workdir, TOKENIZER_FILENAME)
   if os.path.exists(tokenizer):
     with open(tokenizer, "rb") as f:

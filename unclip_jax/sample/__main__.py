@@ -15,6 +15,8 @@ strip, the input image(s) included. Every stage's sampler, steps, eta, variance
 (and guidance, thresholding where the stage has them) is a flag; the
 manipulations decode with DDIM themselves. See docs/sampling.md.
 """
+import os
+
 from absl import flags
 from absl import logging as absl_logging
 
@@ -130,7 +132,7 @@ def _one_or_each(values):
 
 
 def _run(pipe, command: str):
-  """(samples, input images shown first in the strip, row labels)."""
+  """(samples, row labels)."""
   common = dict(
       decoder_steps=_DECODER_STEPS.value, decoder_guidance=_DECODER_GUIDANCE.value,
       decoder_threshold=_DECODER_THRESHOLD.value,
@@ -152,39 +154,68 @@ def _run(pipe, command: str):
         prior_guidance=_PRIOR_GUIDANCE.value,
         prior_candidates=_PRIOR_CANDIDATES.value, prior_eta=_PRIOR_ETA.value,
         prior_variance=_PRIOR_VARIANCE.value, **decoder_sampler, **common)
-    return samples, [], list(_PROMPT.value)
+    return samples, list(_PROMPT.value)
   strip = dict(caption=_CAPTION.value, **decoder_sampler, **common)
   if command == "variations":
     samples = pipe.variations(images[0], _NUM_IMAGES.value, _ETA.value,
                               _SEED.value, latents=latents, **strip)
-    return samples, images, [f"variations, {latents} x_T, eta {_ETA.value:g}"]
+    return samples, [f"variations, {latents} x_T, eta {_ETA.value:g}"]
   if command == "interpolate":
     samples = pipe.interpolate(images[0], images[1], _FRAMES.value,
                                latents=latents, seed=_SEED.value, **strip)
-    return samples, images, [f"interpolation, {latents} x_T"]
+    return samples, [f"interpolation, {latents} x_T"]
   samples = pipe.text_diff(images[0], _FROM_CAPTION.value, _TO_CAPTION.value,
                            _FRAMES.value, _MAX_THETA.value, seed=_SEED.value,
                            **strip)
-  return samples, images, [f"{_FROM_CAPTION.value} -> {_TO_CAPTION.value}"]
+  return samples, [f"{_FROM_CAPTION.value} -> {_TO_CAPTION.value}"]
+
+
+def _check_out(path: str) -> None:
+  """--out can be written, checked before minutes of sampling."""
+  if not path:
+    raise UserError("--out is required; pass --out=FILE.png")
+  if os.path.isdir(path):
+    raise UserError(f"--out={path} is a folder; pass a file name such as "
+                    f"{os.path.join(path, 'samples.png')}")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):  # write_grid creates the missing folders
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UserError(f"cannot write --out={path}: {parent} is not a folder you can "
+                    "write to; pass another --out")
+
+
+def _check_texts(command: str) -> None:
+  """Prompts and captions, checked before any workdir is loaded."""
+  from unclip_jax.pipeline.prompts import check_prompts  # pylint: disable=import-outside-toplevel
+  texts = list(_PROMPT.value) if command == "generate" else []
+  texts += [t for t in (_CAPTION.value, _FROM_CAPTION.value, _TO_CAPTION.value)
+            if t is not None]
+  if texts:
+    check_prompts(texts)
 
 
 def main(argv):
   command = _command(argv)
   _check_inputs(command)
+  _check_out(_OUT.value)
+  _check_texts(command)
   # orbax warns at every read-only restore ("Given directory is read only"),
   # which is all this command does.
   absl_logging.set_verbosity(absl_logging.ERROR)
   # Imported here, so that --help and flag errors come back without jax.
   import numpy as np  # pylint: disable=import-outside-toplevel
   from unclip_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  # Every --image is read (and refused in one line) before the workdirs load.
+  squares = [images_lib.square_image(path) for path in _IMAGE.value]
   from unclip_jax.pipeline import UnCLIPPipeline  # pylint: disable=import-outside-toplevel
 
   pipe = UnCLIPPipeline.from_workdirs(
       clip=_CLIP.value, prior=_PRIOR.value, decoder=_DECODER.value,
       upsamplers=_UPSAMPLER.value, max_batch=_MAX_BATCH.value)
-  samples, inputs, labels = _run(pipe, command)
+  samples, labels = _run(pipe, command)
   side = pipe.resolution
-  shown = [images_lib.resize_image(images_lib.square_image(i), side) for i in inputs]
+  shown = [images_lib.resize_image(square, side) for square in squares]
   tiles = samples.images
   if command == "interpolate":  # a, frames, b
     tiles = np.concatenate([shown[:1], tiles, shown[1:]])

@@ -10,8 +10,10 @@ text embeddings the same way). `workdir/cache/<split>/` holds
 
 A cache is reused only when its manifest matches the CLIP checkpoint and the data it
 would be built from; otherwise it is rebuilt, and the log says why. It is written into
-a temporary folder and renamed into place, so a killed build leaves no cache that looks
-complete. `EmbeddingCache` reads it as a random-access source for grain
+`<split>.tmp/`, flushed to disk and renamed into place, so a killed build leaves no cache
+that looks complete; the next run logs and removes what it left (`<split>.tmp/`, or
+`<split>.old/` when killed during the swap) and builds again. `EmbeddingCache` reads it
+as a random-access source for grain
 (`pipeline.make_train_iterator`), with a repr that does not depend on the path, so the
 data iterator's position restores from checkpoints.
 """
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 RECORDS = "records.array_record"
+# Beside `cache/<split>`: the cache being built, and the one it replaces during the swap.
+STAGING_SUFFIX, PREVIOUS_SUFFIX = ".tmp", ".old"
 
 CAPTION = pipeline.CAPTION
 
@@ -58,7 +62,10 @@ def _read_manifest(directory: str) -> dict | None:
 
 def stale_reason(directory: str, identity: dict) -> str | None:
   """Why the cache in `directory` cannot be used for `identity` (None: it can)."""
-  manifest = _read_manifest(directory)
+  try:
+    manifest = _read_manifest(directory)
+  except ValueError:  # Not JSON: damaged outside our writes, which rename it in whole.
+    return "its manifest is unreadable"
   if manifest is None:
     return "there is none yet"
   for key, what in (("format", "the cache format"), ("clip", "the CLIP checkpoint"),
@@ -80,6 +87,8 @@ def build_or_load(workdir: str, split: str, source, clip, *,
   """
   directory = cache_dir(workdir, split)
   identity = {"format": CACHE_FORMAT, "clip": clip.fingerprint, "source": repr(source)}
+  if jax.process_index() == 0:
+    remove_killed_builds(directory)
   reason = stale_reason(directory, identity)
   if reason is not None and jax.process_index() == 0:
     log.info("computing the %s embedding cache in %s (%s)", split, directory, reason)
@@ -89,6 +98,30 @@ def build_or_load(workdir: str, split: str, source, clip, *,
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"embedding cache {split}")
   return EmbeddingCache(directory, name=split)
+
+
+def remove_killed_builds(directory: str) -> list[str]:
+  """Deletes the folders a killed build of the cache in `directory` left; returns them.
+
+  Only process 0 builds, so on process 0 nothing else can be writing them.
+  """
+  leftovers = [path for path in (directory + STAGING_SUFFIX, directory + PREVIOUS_SUFFIX)
+               if os.path.exists(path)]
+  if leftovers:
+    log.warning("removing %s, left by an embedding cache build that was killed",
+                " and ".join(leftovers))
+  for leftover in leftovers:
+    shutil.rmtree(leftover)
+  return leftovers
+
+
+def _flush_to_disk(path: str) -> None:
+  """fsync a file or folder: a rename must not reach the disk before what it names."""
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def _passthrough_fields(batch: dict) -> list[str]:
@@ -117,10 +150,8 @@ class _RunningMoments:
 
 
 def _build(directory: str, source, clip, identity: dict, batch_size: int) -> None:
-  staging, previous = directory + ".tmp", directory + ".old"
-  for leftover in (staging, previous):  # from a killed build
-    shutil.rmtree(leftover, ignore_errors=True)
-  os.makedirs(staging)
+  staging, previous = directory + STAGING_SUFFIX, directory + PREVIOUS_SUFFIX
+  os.makedirs(staging)  # remove_killed_builds has cleared it
 
   def tokenize(record):
     return {**record, TOKENS: clip.tokenize([record[CAPTION]])[0]}
@@ -151,12 +182,15 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
               "image_embedding_mean": mean, "image_embedding_std": std}
   with open(os.path.join(staging, MANIFEST), "w") as f:
     json.dump(manifest, f)
+  for path in (os.path.join(staging, RECORDS), os.path.join(staging, MANIFEST), staging):
+    _flush_to_disk(path)
   # Swap in the finished cache; a crash between the renames leaves no cache at all,
   # which the next run rebuilds.
   if os.path.exists(directory):
     os.rename(directory, previous)
   os.rename(staging, directory)
-  shutil.rmtree(previous, ignore_errors=True)
+  _flush_to_disk(os.path.dirname(directory))
+  shutil.rmtree(previous, ignore_errors=True)  # absent on a first build
   log.info("wrote %d records to %s", count, directory)
 
 

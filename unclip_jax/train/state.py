@@ -60,6 +60,15 @@ def abstract_state(init_params, tx, mesh: Mesh, rules, rng):
       nn.unbox(abstract), shardings), shardings
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True when no float leaf of `tree` holds a NaN or inf: one reduction on
+  the devices, one scalar to fetch."""
+  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
+
 def ema_update(ema, params, step, decay: float):
   """EMA with a warm-up ((1+step)/(10+step)) so short runs are not all init."""
   if not decay:

@@ -5,7 +5,7 @@ jitted program and applies the mean of their gradients once: the update of
 the whole batch, with the activations of one microbatch alive at a time.
 """
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax.errors import Diverged
 from unclip_jax.parallel import partitioning
 from unclip_jax.train import flops
 from unclip_jax.train.state import TrainState, ema_update
@@ -96,6 +97,28 @@ def train_step(state: TrainState, batch: Any, rng: jax.Array, *,
   metrics.update({"train/loss": loss, "train/grad_norm": grad_norm,
                   "train/skipped": 1.0 - finite.astype(jnp.float32)})
   return new_state, metrics
+
+
+def count_skips(streak: int, skipped: Sequence[float], *, first_step: int,
+                limit: int) -> int:
+  """The run of consecutive skipped steps after steps `first_step`,
+  `first_step + 1`, ... whose `train/skipped` values are `skipped`, continuing a
+  run of `streak` before them. Diverged at the step where it reaches `limit`
+  (0: never): a run that only skips makes no progress.
+
+  Read from metrics the loop fetches anyway at log time, so it costs no sync.
+  """
+  for offset, flag in enumerate(skipped):
+    streak = streak + 1 if flag else 0
+    if 0 < limit <= streak:
+      raise Diverged(
+          f"training diverged: the {streak} steps up to step "
+          f"{first_step + offset} all had a non-finite loss or gradient norm and "
+          "were skipped; lower --config.optim.lr (or raise optim.warmup_steps), "
+          "check the data for NaN or inf, or resume from an earlier checkpoint "
+          "(move the later ones out of the workdir's checkpoints/); "
+          "--config.max_consecutive_skips=0 turns this check off")
+  return streak
 
 
 def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
