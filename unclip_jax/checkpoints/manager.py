@@ -181,6 +181,17 @@ def param_shapes(tree: Any) -> dict[str, tuple]:
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def saved_ema_params(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The metadata tree (shapes, dtypes; no array read) of checkpoint `step`'s
+  EMA params; DamagedCheckpoint when its metadata does not read."""
+  try:
+    saved = manager.item_metadata(step)[STATE]
+    return getattr(saved, "tree", saved)["ema_params"]
+  except Exception as e:  # pylint: disable=broad-except
+    path = step_dir(manager, step)
+    raise DamagedCheckpoint(step, path, describe_read_error(e, path)) from e
+
+
 def _check_layout(manager: ocp.CheckpointManager, step: int,
                   abstract_state: Any) -> None:
   """A checkpoint of another model layout is the config's or version's fault,
@@ -188,12 +199,7 @@ def _check_layout(manager: ocp.CheckpointManager, step: int,
   expected = getattr(abstract_state, "ema_params", None)
   if expected is None:
     return
-  try:
-    saved = manager.item_metadata(step)[STATE]
-    saved = getattr(saved, "tree", saved)["ema_params"]
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpoint(step, step_dir(manager, step),
-                            describe_read_error(e, step_dir(manager, step))) from e
+  saved = saved_ema_params(manager, step)
   saved_shapes, expected_shapes = param_shapes(saved), param_shapes(expected)
   if saved_shapes != expected_shapes:
     differ = sorted(k for k in saved_shapes.keys() | expected_shapes.keys()

@@ -90,7 +90,7 @@ class StageWorkdir:
     if requested is None:
       damaged = []
       for step in reversed(self.steps):
-        path = self._step_dir(step)
+        path = manager_lib.step_dir(self._manager, step)
         if problem := manager_lib.find_damage(path, (manager_lib.STATE,)):
           damaged.append(DamagedCheckpoint(step, path, problem))
           continue
@@ -108,9 +108,6 @@ class StageWorkdir:
 
   def frozen_clip(self) -> dict:
     return read_frozen_clip(self.path, self.stage)
-
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(manager_lib.checkpoint_dir(self.path), str(step))
 
   def _report(self, damaged: list[DamagedCheckpoint], used: int) -> None:
     new = [e for e in damaged if e.step not in self._reported]
@@ -154,15 +151,10 @@ class StageWorkdir:
     one too (DamagedCheckpoint, naming the file).
     """
     sharding = sharding or local_replicated_sharding()
-    path = self._step_dir(step)
+    path = manager_lib.step_dir(self._manager, step)
     if problem := manager_lib.find_damage(path, (manager_lib.STATE,)):
       raise DamagedCheckpoint(step, path, problem)
-    try:
-      saved = self._manager.item_metadata(step)[manager_lib.STATE]
-      saved = getattr(saved, "tree", saved)["ema_params"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpoint(step, path,
-                              manager_lib.describe_read_error(e, path)) from e
+    saved = manager_lib.saved_ema_params(self._manager, step)
     if expected is not None:
       self._check_layout(saved, expected)
     if isinstance(sharding, jax.sharding.Sharding):

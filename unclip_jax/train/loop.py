@@ -21,8 +21,8 @@ from unclip_jax.train.metrics import MetricWriter
 log = logging.getLogger(__name__)
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  fetched = jax.device_get(history)
+def _mean_metrics(fetched: list[dict]) -> dict[str, float]:
+  """Means over the host copies of a log window's per-step metrics."""
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
