@@ -13,6 +13,11 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "array_record==0.8.6",
     "sentencepiece==0.2.3",
+    # CLIP's byte-level BPE of converted CLIP checkpoints (data/clip_bpe.py): the
+    # maintained Rust implementation transformers' CLIPTokenizer is built on.
+    "tokenizers==0.23.3",
+    # Converted checkpoints are read from .safetensors without torch.
+    "safetensors==0.8.0",
     "ml-collections==1.1.0",
     "absl-py",
     "numpy",
@@ -24,6 +29,12 @@ INSTALL_REQUIRES = [
 # The libtpu release jax 0.10.2's `tpu` extra pins (libtpu==0.0.42.*): TPU
 # runtime and compiler, also used by `python -m unclip_jax.compile` on CPU.
 LIBTPU = "libtpu==0.0.42.1"
+# The reference implementations the converters are tested against (parity and
+# end-to-end tests build them with random weights; nothing is downloaded), and
+# what reads torch-pickled (.bin) checkpoints. torch 2.13.0 is the CPU build
+# (about 190 MB download, 750 MB installed); a newer torch or any torchvision
+# pulls CUDA builds of several GB.
+REFERENCES = ["torch==2.13.0", "transformers==5.24.0", "diffusers==0.42.1"]
 
 setup(
     name="unclip-jax",
@@ -34,7 +45,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # libtpu lets the tests compile ahead of time for a TPU slice on CPU.
-        "test": ["pytest", "pytest-xdist", LIBTPU],
+        "test": ["pytest", "pytest-xdist", LIBTPU, *REFERENCES],
+        "weights": REFERENCES,
         "tpu": ["jax[tpu]==0.10.2", LIBTPU],
     },
 )

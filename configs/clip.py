@@ -13,9 +13,15 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c = common.base_config("clip")
 
   c.tokenizer = ml_collections.ConfigDict()
+  # "sentencepiece": ours, trained on the captions (workdir/tokenizer.model);
+  # "clip_bpe": CLIP's byte-level BPE of a converted checkpoint
+  # (workdir/clip_bpe.json, made from its vocab.json + merges.txt; never trained).
+  c.tokenizer.kind = "sentencepiece"
   c.tokenizer.vocab_size = 1024  # upper bound; small caption sets use fewer
   c.tokenizer.context_length = 32
-  # An existing sentencepiece model to use instead of training one.
+  # An existing tokenizer to use instead of training one: a sentencepiece
+  # model, or for clip_bpe a checkpoint's tokenizer folder (vocab.json,
+  # merges.txt) or a clip_bpe.json.
   c.tokenizer.model_path = ml_collections.config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
@@ -30,6 +36,32 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4.0
   c.model.remat_policy = "none"  # "none" | "full" | "dots"
   c.model.scan_layers = True
+  # Architecture options for converted checkpoints (unclip_jax/convert/clip.py
+  # sets them); the defaults are our own CLIP.
+  # MLP nonlinearity: "gelu" (exact) | "quick_gelu" (x * sigmoid(1.702 x), the
+  # one OpenAI's CLIP weights were trained with).
+  c.model.activation = "gelu"
+  c.model.layer_norm_eps = 1e-5
+  # Per-tower MLP width / model width; unset: mlp_ratio (open_clip's ViT-bigG
+  # has 4.9231 in its image tower, 4 in its text tower).
+  c.model.vision_mlp_ratio = ml_collections.config_dict.placeholder(float)
+  c.model.text_mlp_ratio = ml_collections.config_dict.placeholder(float)
+  # Which text state is pooled: "last_non_pad" (ours: the last token that is not
+  # the pad id) | "first_end" (the first `end_id`: HF with a current
+  # eos_token_id, where padding may be the end token) | "argmax" (the largest
+  # id: OpenAI / open_clip, and HF checkpoints whose eos_token_id is 2).
+  c.model.text_pooling = "last_non_pad"
+  c.model.end_id = 2  # the end token of "first_end" (ours: data/tokenizer.EOS_ID)
+  # False: the text stack is causal only, pad tokens read as tokens (OpenAI and
+  # HF run it so; Karlo calls its text encoder without a mask).
+  c.model.text_key_padding_mask = True
+  # RGB mean / std of [0, 1] pixels the image tower expects (OpenAI's:
+  # models/clip.py OPENAI_IMAGE_MEAN / _STD); unset: our [-1, 1] images as they
+  # are. encode_image always takes [-1, 1].
+  c.model.image_mean = ml_collections.config_dict.placeholder(tuple)
+  c.model.image_std = ml_collections.config_dict.placeholder(tuple)
+  # vision_depth = 0 is a text-only CLIP (converted from a text encoder alone):
+  # no image tower, encode_image raises a ConfigError.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_candidates = 256  # retrieval among this many held-out pairs

@@ -20,7 +20,9 @@ from tests.bad_input_helpers import (
     SAMPLE_WORKDIRS, Case, Env, common, compile_, dataset, fake_prior_run,
     full_disk, mismatched_prior, sample, tiny, train_flags, train_on_previous,
     unwritable_workdir, validate, variations, write_image_files)
-from unclip_jax.errors import ConfigError, UserError, WorkdirError
+from unclip_jax.convert import clip as clip_convert
+from unclip_jax.convert import karlo as karlo_convert
+from unclip_jax.errors import ConfigError, ConversionError, UserError, WorkdirError
 from unclip_jax.generators import decoder as decoder_generator
 from unclip_jax.pipeline import IncompatibleStagesError, UnCLIPPipeline
 from unclip_jax.train import config_checks
@@ -245,6 +247,21 @@ CASES = [
     Case("api-unknown-option",
          lambda env: env.pipe("a", decoder_stpes=3), UserError,
          "generate has no option 'decoder_stpes'"),
+    # convert
+    Case("convert-not-karlo",
+         lambda env: karlo_convert.convert(env.images, f"{env.tmp}/out"),
+         ConversionError, "is --src a Karlo checkpoint in diffusers' layout?"),
+    Case("convert-missing-src",
+         lambda env: clip_convert.convert_any(f"{env.tmp}/nothing", f"{env.tmp}/out"),
+         ConversionError, "/nothing does not exist"),
+    Case("convert-out-not-empty",
+         lambda env: clip_convert.convert_any(env.images, env.images),
+         ConversionError, "exists and is not empty; pass a new --out directory"),
+    Case("convert-state-dict-without-vocab",
+         lambda env: clip_convert.convert_any(
+             np.save(f"{env.tmp}/clip.npy", 0) or f"{env.tmp}/clip.npy",
+             f"{env.tmp}/out"),
+         ConversionError, "is a state dict file: pass the folder with its vocab.json"),
 ]
 
 
@@ -324,6 +341,9 @@ COMMAND_LINES = {
                              "error: one benchmark at a time; got train_step sampling"),
     "bench-steps": (["unclip_jax.bench", "train_step", "--steps=0"],
                     "error: --steps=0: must be >= 1"),
+    "convert-no-command": (
+        ["unclip_jax.convert", "--src={tmp}", "--out={tmp}/out"],
+        "error: say what to convert: python -m unclip_jax.convert"),
     "compile-mesh-chips": (["unclip_jax.compile", "--config=configs/clip.py:tiny",
                       "--topology=v5e-8", "--mesh=3,1,1"], "error: --mesh=3,1,1: use"),
 }

@@ -21,6 +21,7 @@ FORBIDDEN = {
     "stages": {"train", "pipeline", "sample", "demo", "compile", "bench"},
     "pipeline": {"stages", "train", "sample", "demo", "compile", "bench"},
     "sample": {"stages", "train", "demo", "compile", "bench"},
+    "convert": {"stages", "train", "pipeline", "sample", "demo", "compile", "bench"},
 }
 
 

@@ -17,6 +17,9 @@ UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__"}
 # Called as attributes: yaml's full loaders, torch.load, pandas' pickle reader.
 UNSAFE_ATTRIBUTES = {"unsafe_load", "full_load", "read_pickle", "load_pickle"}
 UNSAFE_QUALIFIED = {("yaml", "load"), ("torch", "load")}
+# ... unless restricted to tensors and plain containers: torch's weights-only
+# unpickler builds nothing else (what converters read .bin checkpoints with).
+SAFE_WITH = {("torch", "load"): ("weights_only", True)}
 
 
 def _is_false(node: ast.AST) -> bool:
@@ -40,6 +43,10 @@ def unsafe_uses(source: str) -> list[str]:
         found.append(f"{line}: {function.id}(")
       if isinstance(function, ast.Attribute):
         owner = function.value.id if isinstance(function.value, ast.Name) else None
+        safe = SAFE_WITH.get((owner, function.attr))
+        if safe and any(k.arg == safe[0] and isinstance(k.value, ast.Constant)
+                        and k.value.value is safe[1] for k in node.keywords):
+          continue
         if (function.attr in UNSAFE_ATTRIBUTES
             or (owner, function.attr) in UNSAFE_QUALIFIED):
           found.append(f"{line}: {owner}.{function.attr}(")
@@ -51,6 +58,7 @@ def unsafe_uses(source: str) -> list[str]:
 @pytest.mark.parametrize("snippet", [
     "import pickle", "from dill import loads", "np.load(path, allow_pickle=True)",
     "config = eval(text)", "exec(code)", "yaml.load(stream)", "pd.read_pickle(p)",
+    "torch.load(path)", "torch.load(path, weights_only=False)",
 ])
 def test_the_check_sees_each_kind_of_unsafe_load(snippet):
   assert unsafe_uses(snippet), snippet
@@ -58,7 +66,8 @@ def test_the_check_sees_each_kind_of_unsafe_load(snippet):
 
 def test_the_check_lets_safe_loads_through():
   assert not unsafe_uses("np.load(path)\nnp.load(path, allow_pickle=False)\n"
-                         "json.load(f)\nstep.lower().compile()\nmodel.eval()\n")
+                         "json.load(f)\nstep.lower().compile()\nmodel.eval()\n"
+                         "torch.load(path, map_location='cpu', weights_only=True)\n")
 
 
 def test_nothing_is_unpickled_or_executed_from_data():

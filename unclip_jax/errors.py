@@ -33,3 +33,8 @@ class DamagedCheckpoint(WorkdirError):
 class Diverged(UserError):
   """Training produced non-finite values: the loss or gradients for too many
   steps in a row, or the train state about to be saved."""
+
+
+class ConversionError(UserError):
+  """A source checkpoint that does not match the architecture it is converted
+  to: a tensor missing, left unused or of the wrong shape (named)."""

@@ -65,6 +65,10 @@ class FakeClip:
       tokens[row, :len(ids)] = ids
     return tokens
 
+  def text_mask(self, tokens):
+    from unclip_jax.data.tokenizer import PAD_ID
+    return np.asarray(tokens) != PAD_ID
+
   def encode_text(self, tokens):
     tokens = np.asarray(tokens, np.float32)
     encodings = np.stack([np.sin(tokens * (k + 1)) for k in range(self.text_width)], -1)

@@ -41,7 +41,7 @@ def bench_sampling(config: ml_collections.ConfigDict,
   else:
     sizes = (ClipSizes.from_config(clip_config)
              if config.stage in generators.READS_CLIP else None)
-    generator = generators.generator_class(config.stage).from_config(config, sizes)
+    generator = generators.generator_class(config.stage, config).from_config(config, sizes)
     params = jax.jit(lambda r: nn.unbox(generator.init_params(r)))(
         jax.random.key(0))
   vocab = clip_config.tokenizer.vocab_size if clip_config else 256

@@ -1,7 +1,12 @@
 """Caption tokenizer: sentencepiece with a fixed context, padding and an end token.
 
 The model is trained from the training captions when none is given, saved as
-`workdir/tokenizer.model`, and reused by every later stage.
+`workdir/tokenizer.model`, and reused by every later stage. A CLIP converted
+from a published checkpoint reads captions with CLIP's own byte-level BPE
+instead (data/clip_bpe.py); `tokenizer.kind` in the config picks one, and
+`load_tokenizer` / `tokenizer_path` open the right one. Both have the same
+interface: encode, decode, vocab_size, context_length, pad_id, end_id, unk_id
+(None: no unknown pieces), text_mask, with_context, save, serialized, filename.
 """
 import io
 import logging
@@ -11,12 +16,27 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from unclip_jax.errors import ConfigError
+
 PAD_ID = 0
 UNK_ID = 1
 EOS_ID = 2
 FILENAME = "tokenizer.model"
+KINDS = ("sentencepiece", "clip_bpe")
 
 log = logging.getLogger(__name__)
+
+
+def text_mask(tokens, pad_id: int, end_id: int) -> np.ndarray:
+  """bool [N, L] of right-padded int [N, L] tokens: True at the real tokens, up to
+  and including each row's first end token (right also when the pad id is the
+  end id); a row without an end token: True where it is not `pad_id`."""
+  tokens = np.asarray(tokens)
+  is_end = tokens == end_id
+  # Positions after the first end token are padding.
+  before_end = np.cumsum(is_end, axis=-1) - is_end == 0
+  return np.where(is_end.any(axis=-1, keepdims=True), before_end,
+                  tokens != pad_id)
 
 
 def partial_path(path: str) -> str:
@@ -30,6 +50,11 @@ class Tokenizer:
   Every encoded caption ends with EOS_ID (the text tower pools there); a caption
   longer than the context is truncated, keeping its end token, with a warning.
   """
+  kind = "sentencepiece"
+  filename = FILENAME
+  pad_id = PAD_ID
+  end_id = EOS_ID
+  unk_id = UNK_ID
 
   def __init__(self, model_proto: bytes, context_length: int):
     if context_length < 2:
@@ -71,8 +96,21 @@ class Tokenizer:
     os.replace(partial, path)
 
   @property
+  def serialized(self) -> bytes:
+    """The bytes `save` writes: equal for equal tokenizers."""
+    return self.model_proto
+
+  def with_context(self, context_length: int) -> "Tokenizer":
+    return Tokenizer(self.model_proto, context_length)
+
+  @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
+
+  def text_mask(self, tokens) -> np.ndarray:
+    """bool [N, L]: True at real tokens (the end token included); ours never
+    pads with the end token, so this is every non-pad token."""
+    return np.asarray(tokens) != PAD_ID
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """[N] strings -> int32 [N, context_length]."""
@@ -99,3 +137,29 @@ class Tokenizer:
       ids = row[:row.index(EOS_ID)] if EOS_ID in row else row
       texts.append(self._sp.decode([i for i in ids if i != PAD_ID]))
     return texts
+
+
+def tokenizer_class(kind: str):
+  """The tokenizer class of a config's `tokenizer.kind`."""
+  if kind == "sentencepiece":
+    return Tokenizer
+  if kind == "clip_bpe":
+    # Imported here: clip_bpe imports this module.
+    from unclip_jax.data.clip_bpe import ClipBpeTokenizer  # pylint: disable=import-outside-toplevel
+    return ClipBpeTokenizer
+  raise ConfigError(f"tokenizer.kind={kind!r} is none of {', '.join(KINDS)}; set "
+                    "--config.tokenizer.kind")
+
+
+def tokenizer_path(workdir: str, tokenizer_cfg) -> str:
+  """Where a workdir keeps the tokenizer of `tokenizer_cfg` (a config's
+  `tokenizer`): tokenizer.model, or clip_bpe.json."""
+  kind = tokenizer_cfg.get("kind", "sentencepiece")
+  return os.path.join(workdir, tokenizer_class(kind).filename)
+
+
+def load_tokenizer(workdir: str, tokenizer_cfg):
+  """The tokenizer a workdir keeps, of the kind its config names."""
+  kind = tokenizer_cfg.get("kind", "sentencepiece")
+  return tokenizer_class(kind).load(tokenizer_path(workdir, tokenizer_cfg),
+                                    tokenizer_cfg.context_length)

@@ -55,6 +55,7 @@ from unclip_jax.diffusion.schedules import (
   make_schedule,
   respace,
   respaced_indices,
+  unclip_scheduler_schedule,
   schedule_from_betas,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
   "q_sample",
   "respace",
   "respaced_indices",
+  "unclip_scheduler_schedule",
   "sample",
   "schedule_from_betas",
   "split_prediction",

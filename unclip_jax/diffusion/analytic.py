@@ -101,6 +101,7 @@ def analytic_sample(
   clip_denoised: bool = False,
   threshold_percentile: Optional[float] = None,
   x_T: Optional[jax.Array] = None,
+  step_noise: Optional[jax.Array] = None,
   return_trajectory: bool = False,
 ):
   """Ancestral sampling with Analytic-DPM's variance (see `analytic_variances`).
@@ -125,5 +126,6 @@ def analytic_sample(
     clip_denoised=clip_denoised,
     threshold_percentile=threshold_percentile,
     x_T=x_T,
+    step_noise=step_noise,
     return_trajectory=return_trajectory,
   )

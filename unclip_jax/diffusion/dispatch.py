@@ -26,6 +26,7 @@ def sample(
   clip_denoised: bool = False,
   threshold_percentile: Optional[float] = None,
   x_T: Optional[jax.Array] = None,
+  step_noise: Optional[jax.Array] = None,
   return_trajectory: bool = False,
 ):
   """Runs `ddim_sample`, `ddpm_sample` or `analytic_sample` (sampler, static).
@@ -33,6 +34,7 @@ def sample(
   eta is used by 'ddim' only, variance by 'ddpm' only (see `ddpm_sample`),
   eps_moments (Gamma [K], required) and x0_variance_bound by 'analytic' only.
   learned_variance says the model outputs [prediction, v] (2C channels).
+  clip_denoised: False, True (x0 clipped to [-1, 1]) or a range r > 0 (to [-r, r]).
   """
   common = dict(
     shape=shape,
@@ -42,6 +44,7 @@ def sample(
     clip_denoised=clip_denoised,
     threshold_percentile=threshold_percentile,
     x_T=x_T,
+    step_noise=step_noise,
     return_trajectory=return_trajectory,
   )
   if sampler == "ddim":

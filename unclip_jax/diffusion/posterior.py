@@ -43,9 +43,9 @@ def q_posterior_mean_variance(
   return mean, variance, log_variance
 
 
-def static_clip(x0: jax.Array) -> jax.Array:
-  """Clips a predicted image to the data range [-1, 1]."""
-  return jnp.clip(x0, -1.0, 1.0)
+def static_clip(x0: jax.Array, clip_range: float = 1.0) -> jax.Array:
+  """Clips a predicted x0 to [-clip_range, clip_range] (images: [-1, 1])."""
+  return jnp.clip(x0, -clip_range, clip_range)
 
 
 def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
@@ -64,13 +64,17 @@ def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
 
 
 def process_x0(
-  x0: jax.Array, *, clip_denoised: bool, threshold_percentile: Optional[float]
+  x0: jax.Array, *, clip_denoised: bool | float, threshold_percentile: Optional[float]
 ) -> jax.Array:
-  """Applies dynamic thresholding if a percentile is given, else static clipping if asked."""
+  """Applies dynamic thresholding if a percentile is given, else static clipping if
+  asked: clip_denoised True clips to [-1, 1], a number r > 0 to [-r, r] (Karlo's
+  prior clips its standardised embeddings to [-5, 5])."""
   if threshold_percentile is not None:
     return dynamic_threshold(x0, threshold_percentile)
-  if clip_denoised:
+  if clip_denoised is True:
     return static_clip(x0)
+  if clip_denoised:
+    return static_clip(x0, float(clip_denoised))
   return x0
 
 

@@ -10,7 +10,10 @@ computation and can sit inside an outer `jax.jit`. Conventions:
 - Step k of a schedule of length K goes from noise level alpha_bar[k] to
   alpha_bar_prev[k]; sampling runs k = K-1 ... 0.
 - Randomness: x_T from split(rng)[0]; step k's noise from fold_in(split(rng)[1], k).
-  The same rng gives the same sample.
+  The same rng gives the same sample. `step_noise` [K, B, ...] replaces the
+  draws: entry i is the noise of the i-th step taken (i = 0 at the noisiest
+  level; the last entry is never used, the last step adds none). With x_T it
+  makes a sampler reproduce another implementation's run exactly.
 """
 from typing import Callable, Optional, Sequence
 
@@ -102,20 +105,32 @@ def _initial_noise(shape, rng, x_T):
   return jax.random.normal(rng, tuple(shape), dtype=jnp.float32)
 
 
-def _run_reverse(step_fn, schedule, *, shape, rng, x_T, return_trajectory):
-  """Runs step_fn(x, k, step_rng) for k = K-1 ... 0 under one lax.scan."""
+def _run_reverse(step_fn, schedule, *, shape, rng, x_T, step_noise, return_trajectory):
+  """Runs step_fn(x, k, noise) for k = K-1 ... 0 under one lax.scan, where
+  noise() is that step's standard normal draw [B, ...] (only drawn if called)."""
   if rng is None:
     init_rng, loop_rng = None, jax.random.PRNGKey(0)  # unused by deterministic steps
   else:
     init_rng, loop_rng = jax.random.split(rng)
   x = _initial_noise(shape, init_rng, x_T)
+  num_steps = schedule.num_timesteps
+  if step_noise is not None:
+    step_noise = jnp.asarray(step_noise, jnp.float32)
+    if step_noise.shape != (num_steps,) + x.shape:
+      raise ValueError(f"step_noise has shape {step_noise.shape}; sampling {num_steps} "
+                       f"steps of {x.shape} needs {(num_steps,) + x.shape}.")
 
-  def body(x, k):
-    x = step_fn(x, k, jax.random.fold_in(loop_rng, k))
+  def body(x, inputs):
+    k, given = inputs
+    if given is None:
+      noise = lambda: jax.random.normal(jax.random.fold_in(loop_rng, k), x.shape, x.dtype)
+    else:
+      noise = lambda: given
+    x = step_fn(x, k, noise)
     return x, (x if return_trajectory else None)
 
-  steps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  sample, trajectory = jax.lax.scan(body, x, steps)
+  steps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+  sample, trajectory = jax.lax.scan(body, x, (steps, step_noise))
   if return_trajectory:
     return sample, jnp.concatenate([x[None], trajectory])
   return sample
@@ -133,6 +148,7 @@ def ddim_sample(
   clip_denoised: bool = False,
   threshold_percentile: Optional[float] = None,
   x_T: Optional[jax.Array] = None,
+  step_noise: Optional[jax.Array] = None,
   return_trajectory: bool = False,
 ):
   """DDIM sampling (Song et al.) over every step of `schedule` (usually respaced).
@@ -147,7 +163,7 @@ def ddim_sample(
   if not deterministic and rng is None:
     raise ValueError("ddim_sample with eta != 0 needs an rng.")
 
-  def step(x, k, step_rng):
+  def step(x, k, noise):
     prediction = model_prediction(model_fn, schedule, x, k, learned_variance)
     t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
     x0, eps = split_prediction(schedule, prediction, x, t, parameterization)
@@ -167,10 +183,11 @@ def ddim_sample(
     if deterministic:
       return mean
     # sigma is 0 at k = 0 (alpha_bar_prev = 1), so the last step adds no noise.
-    return mean + sigma * jax.random.normal(step_rng, x.shape, dtype=x.dtype)
+    return mean + sigma * noise()
 
   return _run_reverse(
-    step, schedule, shape=shape, rng=rng, x_T=x_T, return_trajectory=return_trajectory
+    step, schedule, shape=shape, rng=rng, x_T=x_T, step_noise=step_noise,
+    return_trajectory=return_trajectory,
   )
 
 
@@ -195,6 +212,7 @@ def ancestral_sample(
   threshold_percentile: Optional[float],
   x_T: Optional[jax.Array],
   return_trajectory: bool,
+  step_noise: Optional[jax.Array] = None,
 ):
   """x_{k-1} = posterior mean at the predicted x0 + noise_std[k] * z (none at k = 0).
 
@@ -205,7 +223,7 @@ def ancestral_sample(
   """
   use_learned = noise_std is None
 
-  def step(x, k, step_rng):
+  def step(x, k, noise):
     t = jnp.full(x.shape[:1], k, dtype=jnp.int32)
     output = _call_model(model_fn, schedule, x, k)
     if learned_variance and not use_learned:
@@ -221,11 +239,11 @@ def ancestral_sample(
       threshold_percentile=threshold_percentile,
     )
     std = jnp.exp(0.5 * out.log_variance) if use_learned else noise_std[k]
-    noise = jax.random.normal(step_rng, x.shape, dtype=x.dtype)
-    return out.mean + jnp.where(k > 0, 1.0, 0.0) * std * noise
+    return out.mean + jnp.where(k > 0, 1.0, 0.0) * std * noise()
 
   return _run_reverse(
-    step, schedule, shape=shape, rng=rng, x_T=x_T, return_trajectory=return_trajectory
+    step, schedule, shape=shape, rng=rng, x_T=x_T, step_noise=step_noise,
+    return_trajectory=return_trajectory,
   )
 
 
@@ -241,6 +259,7 @@ def ddpm_sample(
   clip_denoised: bool = False,
   threshold_percentile: Optional[float] = None,
   x_T: Optional[jax.Array] = None,
+  step_noise: Optional[jax.Array] = None,
   return_trajectory: bool = False,
 ):
   """Ancestral sampling x_{k-1} ~ p(x_{k-1} | x_k) over every step of `schedule`.
@@ -266,6 +285,7 @@ def ddpm_sample(
     clip_denoised=clip_denoised,
     threshold_percentile=threshold_percentile,
     x_T=x_T,
+    step_noise=step_noise,
     return_trajectory=return_trajectory,
   )
 

@@ -100,10 +100,12 @@ def make_schedule(name: str, num_timesteps: int, snr_shift: float = 1.0) -> Sche
   return schedule_from_betas(betas if snr_shift == 1.0 else shift_snr(betas, snr_shift))
 
 
-def schedule_from_betas(betas, timesteps=None) -> Schedule:
+def schedule_from_betas(betas, timesteps=None, alphas_cumprod=None) -> Schedule:
   """Derives every coefficient from betas [T] (computed in float64, stored float32).
 
-  timesteps: int [T] original indices; defaults to arange(T).
+  timesteps: int [T] original indices; defaults to arange(T). alphas_cumprod
+  [T]: used as given instead of the product of 1 - betas, for a schedule that
+  must round as another implementation does (`unclip_scheduler_schedule`).
   """
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 1:
@@ -118,7 +120,9 @@ def schedule_from_betas(betas, timesteps=None) -> Schedule:
     raise ValueError(f"timesteps shape {timesteps.shape} != betas shape {betas.shape}.")
 
   alphas = 1.0 - betas
-  alphas_cumprod = np.cumprod(alphas)
+  if alphas_cumprod is None:
+    alphas_cumprod = np.cumprod(alphas)
+  alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
   # The posterior variance is 0 at step 0; its log would be -inf, so step 0
@@ -169,3 +173,27 @@ def respace(schedule: Schedule, num_steps: int) -> Schedule:
   betas = 1.0 - alphas_cumprod / previous
   timesteps = np.asarray(schedule.timesteps)[kept]
   return schedule_from_betas(betas, timesteps=timesteps)
+
+
+def unclip_scheduler_schedule(num_timesteps: int, num_steps: int) -> Schedule:
+  """The cosine schedule respaced to `num_steps` as diffusers' UnCLIPScheduler
+  (Karlo's) steps through it, rounding included: its betas and alpha_bar are
+  float32 (alpha_bar a float32 running product), a step's beta is
+  1 - alpha_bar_t / alpha_bar_prev except between consecutive timesteps, where
+  it is the stored beta_t. The kept timesteps are `respaced_indices`'.
+
+  The rounding matters at the last step (t = 0): there the posterior mean is
+  x0 times beta_0 / (1 - alpha_bar_0), exactly 1 in float64 but 1 + 4e-4 for
+  T = 1000 in float32, and the x0 clipping at t = T - 1 amplifies the
+  difference in the stages after it.
+  """
+  betas32 = cosine_betas(num_timesteps).astype(np.float32)
+  alphas_cumprod32 = np.cumprod(np.float32(1) - betas32, dtype=np.float32)
+  kept = respaced_indices(num_timesteps, num_steps)
+  alphas_cumprod = alphas_cumprod32[kept]
+  previous = np.append(np.float32(1), alphas_cumprod[:-1])
+  betas = np.float32(1) - alphas_cumprod / previous
+  consecutive = np.diff(np.append(-1, kept)) == 1
+  betas = np.where(consecutive, betas32[kept], betas)
+  return schedule_from_betas(betas.astype(np.float64), timesteps=kept,
+                             alphas_cumprod=alphas_cumprod)

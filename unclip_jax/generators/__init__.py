@@ -22,10 +22,15 @@ _GENERATORS = {
 READS_CLIP = ("prior", "decoder")
 
 
-def generator_class(stage: str) -> type[Generator]:
+def generator_class(stage: str, config: Any = None) -> type[Generator]:
+  """The generator of `stage`; of a converted Karlo stage when `config` says
+  model.arch = "karlo" (generators/karlo.py)."""
   if stage not in _GENERATORS:
     raise ConfigError(f"stage={stage!r} has no generator; use one of "
                       f"{sorted(_GENERATORS)}")
+  if config is not None and config.get("model", {}).get("arch") == "karlo":
+    from unclip_jax.generators import karlo  # pylint: disable=import-outside-toplevel
+    return karlo.GENERATORS[stage]
   module, name = _GENERATORS[stage].split(":")
   return getattr(importlib.import_module(module), name)
 
@@ -52,7 +57,8 @@ def load(workdir: str | StageWorkdir, stage: str, step: int | None = None,
   if stage in READS_CLIP:
     record = reader.frozen_clip()
     clip_sizes, fingerprint = ClipSizes.from_record(record), record["fingerprint"]
-  generator = generator_class(stage).from_config(reader.config, clip_sizes)
+  generator = generator_class(stage, reader.config).from_config(reader.config,
+                                                           clip_sizes)
   expected = abstract_params(generator.init_params)
   if newest:  # a damaged newest checkpoint gives way to an older one (logged)
     step, params = reader.restore_newest_ema_params(sharding, expected=expected)

@@ -27,6 +27,11 @@ TEXT_ENCODINGS = "text_encodings"  # float16 [B, context_length, text_width]
 TOKENS = "tokens"  # int32 [B, context_length]
 TEXT_MASK = "text_mask"  # bool [B, context_length], True at real tokens
 LOW_RES = "low_res"  # float32 [B, r, r, 3] in [-1, 1]: an upsampler's input
+# The CLIP text tower's outputs for the empty caption, per row: what Karlo's stages
+# condition on for classifier-free guidance (ours learn a null embedding instead).
+NULL_TEXT_EMBEDDING = "null_text_embedding"
+NULL_TEXT_ENCODINGS = "null_text_encodings"
+NULL_TEXT_MASK = "null_text_mask"
 
 Batch = Mapping[str, Any]
 
@@ -131,6 +136,14 @@ class Generator(abc.ABC):
   by `sample` (one compiled function per shapes and static options)."""
 
   config: ml_collections.ConfigDict
+  # How the sampling chain conditions this generator (the pipeline asks, so
+  # that converted stages of other designs run through it unchanged):
+  # the text embedding z_t L2-normalised (ours) or as the CLIP projects it;
+  unit_norm_text_embedding: bool = True
+  # the image embedding z_i it decodes unit-norm (ours) or as the prior made it;
+  unit_norm_image_embedding: bool = True
+  # the batch fields a decoder's `sample` reads besides `image_embedding`.
+  caption_fields: tuple[str, ...] = (TOKENS,)
   # What sampler='analytic' reads (`generators.load` sets it from the workdir's
   # eps_moments.json); None until a training run has estimated it.
   eps_moments: EpsMoments | None = None

@@ -245,22 +245,25 @@ def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
   guidance_scale != 1 the model runs once per step on the doubled batch, `drop`
   True on the unconditional half. `x_T` (like `shape`): the starting noise
   instead of a draw from rng (fixed across frames when interpolating, or from
-  `make_ddim_inverter`). The keyword arguments but x_T are static: one
+  `make_ddim_inverter`); `step_noise` [num_steps, *shape]: each step's noise
+  instead of draws (`diffusion.samplers`). The keyword arguments but x_T and
+  step_noise are static: one
   compilation per (shapes, keywords). With `encode_fn` the condition is encoded
   once, before the steps. `x0_variance_bound`: Analytic-DPM's bound on
   Var(x0 | x_t) (1 for images in [-1, 1]).
   """
   def sample(params, condition, rng, eps_moments=None, *, shape, num_steps,
              sampler="ddim", eta=0.0, variance=None, guidance_scale=1.0,
-             clip_denoised=True, threshold_percentile=None, x_T=None):
+             clip_denoised=True, threshold_percentile=None, x_T=None,
+             step_noise=None):
     return diffusion.sample(
-        sampler, _guided_model(apply_fn, params, condition, guidance_scale,
+        sampler, guided_model(apply_fn, params, condition, guidance_scale,
                                learned_variance, encode_fn),
         diffusion.respace(schedule, num_steps), shape=tuple(shape), rng=rng,
         parameterization=parameterization, eta=eta, variance=variance,
         learned_variance=learned_variance, eps_moments=eps_moments,
         x0_variance_bound=x0_variance_bound, clip_denoised=clip_denoised,
-        threshold_percentile=threshold_percentile, x_T=x_T)
+        threshold_percentile=threshold_percentile, x_T=x_T, step_noise=step_noise)
 
   return jax.jit(sample, static_argnames=(
       "shape", "num_steps", "sampler", "eta", "variance", "guidance_scale",
@@ -281,7 +284,7 @@ def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
   def invert(params, condition, images, *, num_steps, guidance_scale=1.0,
              fixed_point_iterations=2):
     return diffusion.ddim_invert(
-        _guided_model(apply_fn, params, condition, guidance_scale,
+        guided_model(apply_fn, params, condition, guidance_scale,
                       learned_variance, encode_fn),
         diffusion.respace(schedule, num_steps), images,
         parameterization=parameterization, learned_variance=learned_variance,
@@ -291,7 +294,19 @@ def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
                                           "fixed_point_iterations"))
 
 
-def _guided_model(apply_fn, params, condition, guidance_scale, learned_variance,
+def run_inverter(generator, inverter, params, condition, images, *, num_steps,
+                 guidance_scale, fixed_point_iterations: int) -> jax.Array:
+  """A decoder's `invert`: `inverter` (from `make_ddim_inverter`) with the
+  steps and guidance left None taken from `generator.config.sample`."""
+  s = generator.config.sample
+  return inverter(
+      params, condition, images, num_steps=int(num_steps or s.num_steps),
+      guidance_scale=float(s.guidance_scale if guidance_scale is None
+                           else guidance_scale),
+      fixed_point_iterations=fixed_point_iterations)
+
+
+def guided_model(apply_fn, params, condition, guidance_scale, learned_variance,
                   encode_fn=None):
   """model_fn(x_t, t) of `apply_fn` on `condition`, classifier-free guided."""
   if encode_fn is None:

@@ -230,7 +230,8 @@ class Decoder(Generator):
 
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
-             x_T: jax.Array | None = None, sampler: str | None = None,
+             x_T: jax.Array | None = None, step_noise: jax.Array | None = None,
+             sampler: str | None = None,
              eta: float | None = None, variance: str | None = None,
              clip_denoised: bool | None = None,
              threshold_percentile: float | None = None,
@@ -259,7 +260,7 @@ class Decoder(Generator):
         shape=(condition[0].shape[0], side, side, 3),
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
-        x_T=x_T, **chosen, **common.image_sampling(
+        x_T=x_T, step_noise=step_noise, **chosen, **common.image_sampling(
             self.config, clip_denoised=clip_denoised,
             threshold_percentile=threshold_percentile))
 
@@ -283,10 +284,7 @@ class Decoder(Generator):
     sampler: `sample(..., x_T=x_T, eta=0, clip_denoised=False)` with the same
     conditioning, steps and guidance gives the images back (to the ODE's
     discretisation error). Inversion is DDIM whatever `sample.sampler` is."""
-    s = self.config.sample
-    return self._inverter(
-        params, self._condition(conditioning), images,
-        num_steps=int(num_steps or s.num_steps),
-        guidance_scale=float(s.guidance_scale if guidance_scale is None
-                             else guidance_scale),
+    return common.run_inverter(
+        self, self._inverter, params, self._condition(conditioning), images,
+        num_steps=num_steps, guidance_scale=guidance_scale,
         fixed_point_iterations=fixed_point_iterations)

@@ -243,7 +243,8 @@ class Prior(Generator):
 
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
-             x_T: jax.Array | None = None, num_candidates: int | None = None,
+             x_T: jax.Array | None = None, step_noise: jax.Array | None = None,
+             num_candidates: int | None = None,
              sampler: str | None = None, eta: float | None = None,
              variance: str | None = None,
              eps_moments: EpsMoments | None = None) -> jax.Array:
@@ -252,7 +253,8 @@ class Prior(Generator):
     encodings [B, L, W] (`text_encodings`), their mask bool [B, L] (`text_mask`)
     and optionally `drop_text` bool [B] (rows sampled without their caption, e.g.
     an empty prompt). `x_T` [num_candidates * B, D]: the starting noise, candidate
-    c of caption b in row c * B + b. `sampler` 'ddim' (`eta`), 'ddpm'
+    c of caption b in row c * B + b; `step_noise` [num_steps, num_candidates * B,
+    D]: each step's noise instead of draws. `sampler` 'ddim' (`eta`), 'ddpm'
     (`variance` 'small' or 'large') or 'analytic' (`eps_moments`, default the
     workdir's). Options left None take `config.sample`."""
     s = self.config.sample
@@ -262,7 +264,7 @@ class Prior(Generator):
     return self._sampler(
         params, conditioning[TEXT_EMBEDDING], conditioning[TEXT_ENCODINGS],
         conditioning[TEXT_MASK], rng, drop_text=conditioning.get(DROP_TEXT),
-        x_T=x_T, eps_moments=moments,
+        x_T=x_T, step_noise=step_noise, eps_moments=moments,
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
         num_candidates=int(num_candidates or s.num_candidates), **chosen)
@@ -270,7 +272,8 @@ class Prior(Generator):
   def _sample(self, params, text_embedding, text_encodings, text_mask, rng, *,
               drop_text, x_T, num_steps: int, guidance_scale: float,
               num_candidates: int, eta: float, sampler: str = "ddim",
-              variance: str | None = None, eps_moments=None) -> jax.Array:
+              variance: str | None = None, eps_moments=None,
+              step_noise=None) -> jax.Array:
     batch_size = text_embedding.shape[0]
     context = self.model.context_length  # a shorter text context reads the first tokens
     if drop_text is None:
@@ -284,7 +287,7 @@ class Prior(Generator):
         shape=(num_candidates * batch_size, self.model.embed_dim),
         num_steps=num_steps, sampler=sampler, eta=eta, variance=variance,
         guidance_scale=guidance_scale, clip_denoised=False,
-        threshold_percentile=None, x_T=x_T)
+        threshold_percentile=None, x_T=x_T, step_noise=step_noise)
     candidates = self.scaler.from_model(x).reshape(
         num_candidates, batch_size, self.model.embed_dim)
     return select_best_candidate(candidates, text_embedding)

@@ -186,7 +186,8 @@ class Upsampler(Generator):
 
   def sample(self, params, conditioning, rng: jax.Array, *,
              num_steps: int | None = None, guidance_scale: float | None = None,
-             x_T: jax.Array | None = None, sampler: str | None = None,
+             x_T: jax.Array | None = None, step_noise: jax.Array | None = None,
+             sampler: str | None = None,
              eta: float | None = None, variance: str | None = None,
              clip_denoised: bool | None = None,
              threshold_percentile: float | None = None,
@@ -206,7 +207,7 @@ class Upsampler(Generator):
     return self._sampler(
         params, low_res, rng, moments,
         shape=(batch, height * self.factor, width * self.factor, channels),
-        x_T=x_T, **chosen, **common.image_sampling(
+        x_T=x_T, step_noise=step_noise, **chosen, **common.image_sampling(
             self.config, clip_denoised=clip_denoised,
             threshold_percentile=threshold_percentile))
 

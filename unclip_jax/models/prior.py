@@ -29,8 +29,9 @@ class PrefixCache:
   key_valid: jnp.ndarray
 
 
-def _dense(features: int, dtype: Dtype, kernel_axes: tuple, bias_axes: tuple,
-           name: str) -> nn.Dense:
+def dense(features: int, dtype: Dtype, kernel_axes: tuple, bias_axes: tuple,
+          name: str) -> nn.Dense:
+  """A Dense layer with f32 accumulation and logical axes on kernel and bias."""
   return nn.Dense(
       features, dtype=dtype, name=name,
       dot_general=dot_general_f32_accumulate,
@@ -75,15 +76,15 @@ class PriorTransformer(nn.Module):
 
   def setup(self):
     foreign_in = (KEEP, EMBED)  # a projection from another model's width
-    self.text_encodings_in = _dense(self.width, self.dtype, foreign_in,
+    self.text_encodings_in = dense(self.width, self.dtype, foreign_in,
                                     (EMBED,), "text_encodings_in")
-    self.text_embedding_in = _dense(self.width, self.dtype, foreign_in,
+    self.text_embedding_in = dense(self.width, self.dtype, foreign_in,
                                     (EMBED,), "text_embedding_in")
-    self.image_embedding_in = _dense(self.width, self.dtype, foreign_in,
+    self.image_embedding_in = dense(self.width, self.dtype, foreign_in,
                                      (EMBED,), "image_embedding_in")
-    self.time_fc_in = _dense(self.width, self.dtype, (EMBED, MLP), (MLP,),
+    self.time_fc_in = dense(self.width, self.dtype, (EMBED, MLP), (MLP,),
                              "time_fc_in")
-    self.time_fc_out = _dense(self.width, self.dtype, (MLP, EMBED), (EMBED,),
+    self.time_fc_out = dense(self.width, self.dtype, (MLP, EMBED), (EMBED,),
                               "time_fc_out")
     normal = nn.initializers.normal(0.02)
     self.query = self.param(
@@ -105,7 +106,7 @@ class PriorTransformer(nn.Module):
         remat_policy=self.remat_policy, scan_layers=self.scan_layers,
         causal=True)
     self.ln_final = layer_norm(self.dtype, "ln_final")
-    self.out = _dense(self.embed_dim, self.dtype, (EMBED, KEEP), (KEEP,),
+    self.out = dense(self.embed_dim, self.dtype, (EMBED, KEEP), (KEEP,),
                       "out")
 
   def _caption_tokens(self, text_embedding: jnp.ndarray,

@@ -6,6 +6,7 @@ Every parameter carries logical axis names (unclip_jax.parallel.axes); the
 stack runs its blocks under `nn.scan` so that compile time does not grow with
 depth, with the block parameters stacked on a leading LAYERS axis.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -37,13 +38,25 @@ def constrain_tokens(x: jnp.ndarray) -> jnp.ndarray:
   return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
-def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, name: str, epsilon: float = 1e-5) -> nn.LayerNorm:
   """The LayerNorm of every model: named scale / bias, output in `dtype`
-  (flax computes the statistics in float32)."""
+  (flax computes the statistics in float32). `epsilon` is 1e-5 everywhere
+  except where a converted checkpoint's config says otherwise."""
   return nn.LayerNorm(
-      epsilon=1e-5, dtype=dtype, name=name,
+      epsilon=epsilon, dtype=dtype, name=name,
       scale_init=nn.with_logical_partitioning(ones, (NORM,)),
       bias_init=nn.with_logical_partitioning(zeros, (NORM,)))
+
+
+def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with
+  (its checkpoints are only exact with it)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# The MLP nonlinearity by config name; "gelu" is the exact (erf) GELU.
+ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
+               "quick_gelu": quick_gelu}
 
 
 def causal_mask(length: int) -> jnp.ndarray:
@@ -132,9 +145,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Two-layer GELU feed-forward block."""
+  """Two-layer feed-forward block; `activation` names one of ACTIVATIONS."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -146,7 +160,7 @@ class MlpBlock(nn.Module):
         bias_init=nn.with_logical_partitioning(zeros, (MLP,)))(x)
     hidden = nn.with_logical_constraint(hidden,
                                         (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    hidden = nn.gelu(hidden, approximate=False)
+    hidden = ACTIVATIONS[self.activation](hidden)
     return nn.Dense(
         width, dtype=self.dtype, name="fc_out",
         dot_general=dot_general_f32_accumulate,
@@ -165,6 +179,8 @@ class TransformerBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   return_key_value: bool = False
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None,
@@ -172,7 +188,7 @@ class TransformerBlock(nn.Module):
     """x: [batch, length, width]; `prefix_key_value` and `mask` as
     `MultiHeadAttention`'s."""
     x = constrain_tokens(x)
-    y = layer_norm(self.dtype, "ln_attention")(x)
+    y = layer_norm(self.dtype, "ln_attention", self.layer_norm_eps)(x)
     attended = MultiHeadAttention(self.num_heads, dtype=self.dtype,
                                   name="attention")(y, mask, prefix_key_value,
                                                     self.return_key_value)
@@ -181,9 +197,9 @@ class TransformerBlock(nn.Module):
     # Sums stay in the compute dtype: the f32-accumulated branches would
     # otherwise promote the residual stream (and break scan's carry type).
     x = constrain_tokens((x + y).astype(self.dtype))
-    y = layer_norm(self.dtype, "ln_mlp")(x)
+    y = layer_norm(self.dtype, "ln_mlp", self.layer_norm_eps)(x)
     y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-                 name="mlp")(y)
+                 activation=self.activation, name="mlp")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = constrain_tokens((x + y).astype(self.dtype))
     return (x, key_value) if self.return_key_value else x
@@ -217,7 +233,8 @@ class TransformerStack(nn.Module):
   With `scan_layers` the blocks run under `nn.scan` and their parameters are
   stacked under `blocks` on a leading LAYERS axis of size `depth`; without it
   they are `blocks_0` ... `blocks_{depth-1}` in a Python loop, with the same
-  math. `remat_policy` is 'none', 'full' or 'dots'.
+  math. `remat_policy` is 'none', 'full' or 'dots'. `activation` (a key of
+  ACTIVATIONS) and `layer_norm_eps` exist for converted checkpoints.
 
   A prefix cache (causal stacks): run the prefix once with
   `return_key_values`, then later tokens alone with `prefix_key_values`; they
@@ -232,6 +249,8 @@ class TransformerStack(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = True
   causal: bool = False
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
@@ -274,7 +293,9 @@ class TransformerStack(nn.Module):
     x = constrain_tokens(x.astype(self.dtype))
     block_kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         dropout=self.dropout, dtype=self.dtype,
-                        return_key_value=return_key_values)
+                        return_key_value=return_key_values,
+                        activation=self.activation,
+                        layer_norm_eps=self.layer_norm_eps)
     if self.scan_layers:
       block_cls = _remat(_ScanBlock, self.remat_policy, scan_layers=True)
       blocks = nn.scan(

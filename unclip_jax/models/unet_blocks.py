@@ -138,33 +138,49 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
     """x [b, h, w, c]; context [b, m, ctx_width]; context_mask bool [b, m]."""
-    batch, height, width, channels = x.shape
+    channels = x.shape[-1]
     if channels % self.head_channels:
       raise ValueError(f"head_channels={self.head_channels} must divide the "
                        f"{channels} channels of an attention layer")
-    heads = dict(num_heads=channels // self.head_channels,
-                 head_dim=self.head_channels, dtype=self.dtype)
     x = nn.with_logical_constraint(x, IMAGE_AXES)
-    h = group_norm(self.norm_groups, "norm")(x).astype(self.dtype)
-    h = h.reshape(batch, height * width, channels)
-    q, k, v = attention.project_heads(self, h, num_outputs=3, name="qkv", **heads)
-    mask = None
-    if context is not None:
-      context_k, context_v = attention.project_heads(
-          self, context, num_outputs=2, name="context_kv", **heads)
-      k = jnp.concatenate([context_k, k], axis=1)
-      v = jnp.concatenate([context_v, v], axis=1)
-      if context_mask is not None:
-        key_mask = jnp.concatenate(
-            [context_mask, jnp.ones((batch, height * width), bool)], axis=1)
-        mask = key_mask[:, None, None, :]
-    out = nn.with_logical_constraint(
-        attention.dot_product_attention(q, k, v, mask), HEAD_AXES)
-    # Zero-initialised (GLIDE): each attention layer starts as the identity.
-    out = attention.merge_heads(self, out, features=channels, dtype=self.dtype,
-                                name="out", kernel_init=zeros)
-    out = out.reshape(batch, height, width, channels)
-    return nn.with_logical_constraint(x.astype(self.dtype) + out, IMAGE_AXES)
+    normed = group_norm(self.norm_groups, "norm")(x)
+    return image_and_context_attention(self, x, normed, context, context_mask,
+                                       head_dim=self.head_channels,
+                                       dtype=self.dtype)
+
+
+def image_and_context_attention(module: nn.Module, x: jax.Array, normed: jax.Array,
+                                context: jax.Array | None,
+                                context_mask: jax.Array | None, *, head_dim: int,
+                                dtype: Dtype) -> jax.Array:
+  """x + attention of the normed image `normed` [b, h, w, c] over its own keys
+  and values (`qkv_*`) and, given a context [b, m, ctx_width], the context's
+  (`context_kv_*`, placed first; GLIDE's encoder_kv, diffusers' added KV), padded
+  context tokens (context_mask False) hidden; output `out_*`, zero-initialised
+  so that each layer starts as the identity. Called inside `module`'s compact
+  __call__, which owns the params."""
+  batch, height, width, channels = x.shape
+  heads = dict(num_heads=channels // head_dim, head_dim=head_dim, dtype=dtype)
+  h = normed.astype(dtype).reshape(batch, height * width, channels)
+  q, k, v = attention.project_heads(module, h, num_outputs=3, name="qkv", **heads)
+  mask = None
+  if context is not None:
+    context_k, context_v = attention.project_heads(
+        module, context, num_outputs=2, name="context_kv", **heads)
+    k = jnp.concatenate([context_k, k], axis=1)
+    v = jnp.concatenate([context_v, v], axis=1)
+    if context_mask is not None:
+      # The image's own keys are always attended.
+      key_mask = jnp.concatenate(
+          [context_mask.astype(bool), jnp.ones((batch, height * width), bool)],
+          axis=1)
+      mask = key_mask[:, None, None, :]
+  out = nn.with_logical_constraint(
+      attention.dot_product_attention(q, k, v, mask), HEAD_AXES)
+  out = attention.merge_heads(module, out, features=channels, dtype=dtype,
+                              name="out", kernel_init=zeros)
+  out = out.reshape(batch, height, width, channels)
+  return nn.with_logical_constraint(x.astype(dtype) + out, IMAGE_AXES)
 
 
 class CaptionEncoder(nn.Module):

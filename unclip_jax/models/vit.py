@@ -18,7 +18,8 @@ class VisionTransformer(nn.Module):
 
   The patch projection is a bias-free dense layer over flattened
   [patch, patch, 3] pixels, the same parameters as CLIP's stride-`patch_size`
-  convolution.
+  convolution. `activation` and `layer_norm_eps` are TransformerStack's (set
+  from a converted checkpoint's config).
   """
   image_size: int
   patch_size: int
@@ -31,6 +32,8 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-5
 
   @property
   def num_patches(self) -> int:
@@ -74,15 +77,16 @@ class VisionTransformer(nn.Module):
                                     (batch, 1, self.width))
     x = jnp.concatenate([class_tokens, x], axis=1)
     x = constrain_tokens(x + positions.astype(x.dtype)[None])
-    x = layer_norm(self.dtype, "ln_pre")(x)
+    x = layer_norm(self.dtype, "ln_pre", self.layer_norm_eps)(x)
 
     x = TransformerStack(
         width=self.width, depth=self.depth, num_heads=self.num_heads,
         mlp_ratio=self.mlp_ratio, dropout=self.dropout, dtype=self.dtype,
         remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+        activation=self.activation, layer_norm_eps=self.layer_norm_eps,
         name="transformer")(x, None, deterministic)
 
-    pooled = layer_norm(self.dtype, "ln_post")(x[:, 0])
+    pooled = layer_norm(self.dtype, "ln_post", self.layer_norm_eps)(x[:, 0])
     projected = nn.Dense(
         self.output_dim, use_bias=False, dtype=self.dtype, name="projection",
         dot_general=dot_general_f32_accumulate,

@@ -6,7 +6,7 @@ chunks of rows split across the local devices (`parallel.local.map_batches`), so
 it compiles once per chunk shape and sampling options. Randomness comes from `seed` only: the same seed, requests
 and devices give the same images.
 """
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,9 @@ import numpy as np
 
 from unclip_jax.data import images as images_lib
 from unclip_jax.errors import UserError
-from unclip_jax.generators.base import (IMAGE_EMBEDDING, LOW_RES, TEXT_EMBEDDING,
+from unclip_jax.generators.base import (IMAGE_EMBEDDING, LOW_RES,
+                                        NULL_TEXT_EMBEDDING, NULL_TEXT_ENCODINGS,
+                                        NULL_TEXT_MASK, TEXT_EMBEDDING,
                                         TEXT_ENCODINGS, TEXT_MASK, TOKENS)
 from unclip_jax.generators.prior import DROP_TEXT
 from unclip_jax.models.clip import l2_normalize_host
@@ -82,7 +84,8 @@ class UnCLIPPipeline(Manipulations):
     return self.generate(prompts, num_images, seed, **kwargs).images
 
   def generate(self, prompts: str | Sequence[str], num_images: int = 4,
-               seed: int = 0, **sampling) -> Samples:
+               seed: int = 0, *, noises: Mapping[str, Any] | None = None,
+               **sampling) -> Samples:
     """Images for prompts with every intermediate (z_t, z_i, x_T, each stage's
     images).
 
@@ -94,6 +97,12 @@ class UnCLIPPipeline(Manipulations):
     `upsampler_steps`, `upsampler_eta`, `upsampler_variance`,
     `upsampler_threshold` (one for all upsamplers or a list of one each).
     A sampler is 'ddim', 'ddpm' or 'analytic'.
+
+    `noises`: random draws to use instead of the seed's, to reproduce another
+    implementation's run exactly or to study a sampler: {"prior": {"x_T": [N, D],
+    "steps": [K, N, D]}, "decoder": {...}, "upsamplers": [{...}, ...]}, N the
+    rows (prompts x num_images), K the stage's steps (the last step's noise is
+    never used); any part may be left out.
     """
     options.check_names("generate", sampling,
                         options.PRIOR + options.DECODER + options.UPSAMPLER)
@@ -111,24 +120,45 @@ class UnCLIPPipeline(Manipulations):
     keys = _Keys(seed)
 
     encoded = self._encode_prompts(prompts)
-    text_embeddings, text_encodings = self._clip_text(encoded.tokens)
+    raw = not prior.generator.unit_norm_text_embedding
+    text_embeddings, text_encodings = self._clip_text(encoded.tokens, raw=raw)
     repeat = lambda x: np.repeat(x, num_images, axis=0)
     tokens, unconditional = repeat(encoded.tokens), repeat(encoded.unconditional)
     text_embeddings, text_encodings = repeat(text_embeddings), repeat(text_encodings)
+    caption = {TEXT_EMBEDDING: text_embeddings, TEXT_ENCODINGS: text_encodings,
+               TEXT_MASK: self.clip.text_mask(tokens)}
+    if NULL_TEXT_EMBEDDING in prior.generator.caption_fields + (
+        self.stages.decoder.generator.caption_fields):
+      caption.update(self._null_caption(len(tokens)))
+
+    noises = dict(noises or {})
+    prior_noise = _stage_noise(noises.pop("prior", None), "prior", len(tokens))
+    if prior_noise and prior_kwargs["num_candidates"] != 1:
+      raise UserError("noises['prior'] needs prior_candidates=1")
 
     def sample_prior(chunk, start):
       return prior.generator.sample(
-          prior.params, chunk, jax.random.fold_in(keys.prior, start), **prior_kwargs)
+          prior.params, chunk, jax.random.fold_in(keys.prior, start),
+          **_pop_noise(chunk), **prior_kwargs)
     image_embeddings = self._map_rows(sample_prior, {
-        TEXT_EMBEDDING: text_embeddings, TEXT_ENCODINGS: text_encodings,
-        TEXT_MASK: self.clip.text_mask(tokens), DROP_TEXT: unconditional})
-    # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
-    image_embeddings = l2_normalize_host(image_embeddings)
+        **caption, DROP_TEXT: unconditional, **prior_noise})
+    if self.stages.decoder.generator.unit_norm_image_embedding:
+      # The decoder only ever saw unit-norm CLIP embeddings; the prior's are close.
+      image_embeddings = l2_normalize_host(image_embeddings)
     # An empty prompt's caption is the all-pad one the decoder learned to drop to.
-    decoder_tokens = np.where(unconditional[:, None], 0, tokens)
+    caption[TOKENS] = np.where(unconditional[:, None], 0, tokens)
+    decoder_noise = _stage_noise(noises.pop("decoder", None), "decoder", len(tokens))
+    upsampler_noise = [_stage_noise(n, f"upsamplers[{i}]", len(tokens))
+                       for i, n in enumerate(noises.pop("upsamplers", ()))]
+    if noises:
+      raise UserError(f"noises has no stage {sorted(noises)}; use prior, decoder, "
+                      "upsamplers")
+    x_T = decoder_noise.pop("x_T", None)
     return self._decode(
-        image_embeddings, decoder_tokens, self.noise(seed, len(tokens)), keys,
-        decoder_kwargs, upsampler_kwargs,
+        image_embeddings, caption,
+        self.noise(seed, len(tokens)) if x_T is None else x_T, keys,
+        decoder_kwargs, upsampler_kwargs, decoder_noise=decoder_noise,
+        upsampler_noise=upsampler_noise,
         prompts=tuple(p for p in prompts for _ in range(num_images)), tokens=tokens,
         text_embeddings=text_embeddings)
 
@@ -159,7 +189,7 @@ class UnCLIPPipeline(Manipulations):
           self.base_resolution, self.base_resolution, 3))
       clip_denoised = False if clip_denoised is None else clip_denoised
     return self._decode(
-        image_embeddings, self._caption_tokens(captions, rows),
+        image_embeddings, self._caption_fields(captions, rows),
         self.noise(seed, rows) if noise is None else noise, _Keys(seed),
         self._decoder_options(sampling, clip_denoised),
         self._upsampler_options(sampling))
@@ -199,22 +229,42 @@ class UnCLIPPipeline(Manipulations):
       readers["the prior"] = self.stages.prior.generator.model.context_length
     return encode_prompts(self.clip.tokenizer, prompts, readers)
 
-  def _caption_tokens(self, captions, rows: int) -> np.ndarray:
-    """int32 [rows, L]: captions' tokens, or the all-pad (dropped) caption."""
-    if captions is None:
-      return np.zeros((rows, self.clip.context_length), np.int32)
-    captions = check_prompts(captions)
-    if len(captions) not in (1, rows):
-      raise UserError(f"{len(captions)} captions for {rows} images; give one, or "
-                      "one per image")
-    encoded = self._encode_prompts(captions)
-    tokens = np.where(encoded.unconditional[:, None], 0, encoded.tokens)
-    return np.broadcast_to(tokens, (rows, tokens.shape[1])).copy()
+  def _caption_fields(self, captions, rows: int) -> dict[str, np.ndarray]:
+    """The caption fields the decoder reads (`caption_fields`), [rows, ...] each:
+    captions' tokens (the all-pad dropped caption for None), or for a decoder
+    that reads CLIP's text outputs, those (the empty caption's for None)."""
+    if captions is not None:
+      captions = check_prompts(captions)
+      if len(captions) not in (1, rows):
+        raise UserError(f"{len(captions)} captions for {rows} images; give one, or "
+                        "one per image")
+    if TOKENS in self.stages.decoder.generator.caption_fields:
+      if captions is None:
+        return {TOKENS: np.zeros((rows, self.clip.context_length), np.int32)}
+      encoded = self._encode_prompts(captions)
+      tokens = np.where(encoded.unconditional[:, None], 0, encoded.tokens)
+      return {TOKENS: np.broadcast_to(tokens, (rows, tokens.shape[1])).copy()}
+    tokens = self.clip.tokenize([""] if captions is None else captions)
+    embeddings, encodings = self._clip_text(tokens, raw=True)
+    return {**_rows({TEXT_EMBEDDING: embeddings, TEXT_ENCODINGS: encodings,
+                     TEXT_MASK: self.clip.text_mask(tokens)}, rows),
+            **self._null_caption(rows)}
 
-  def _clip_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(z_t [N, D], token encodings [N, L, W]) as numpy."""
+  def _null_caption(self, rows: int) -> dict[str, np.ndarray]:
+    """CLIP's outputs for the empty caption, [rows, ...] each: what Karlo's
+    stages are guided away from."""
+    tokens = self.clip.tokenize([""])
+    embedding, encodings = self._clip_text(tokens, raw=True)
+    return _rows({NULL_TEXT_EMBEDDING: embedding, NULL_TEXT_ENCODINGS: encodings,
+                  NULL_TEXT_MASK: self.clip.text_mask(tokens)}, rows)
+
+  def _clip_text(self, tokens: np.ndarray, raw: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(z_t [N, D], token encodings [N, L, W]) as numpy; with `raw` z_t as the
+    CLIP projects it, not normalised."""
+    encode = self.clip.text_features if raw else self.clip.encode_text
     out = map_batches(
-        lambda chunk, start: self.clip.encode_text(chunk["tokens"]),
+        lambda chunk, start: encode(chunk["tokens"]),
         {"tokens": tokens}, chunk_size(len(tokens), self.max_batch))
     return tuple(out)
 
@@ -232,33 +282,76 @@ class UnCLIPPipeline(Manipulations):
         moments=[u.eps_moments is not None for u in upsamplers],
         **options.of_stage("upsampler", sampling))
 
-  def _decode(self, image_embeddings, decoder_tokens, noise, keys: "_Keys",
-              decoder_kwargs: dict, upsampler_kwargs: list[dict], **fields
-              ) -> Samples:
-    """Decoder then upsamplers over rows -> Samples with `fields` added."""
+  def _decode(self, image_embeddings, caption: dict, noise, keys: "_Keys",
+              decoder_kwargs: dict, upsampler_kwargs: list[dict], *,
+              decoder_noise: dict | None = None,
+              upsampler_noise: Sequence[dict] = (), **fields) -> Samples:
+    """Decoder then upsamplers over rows -> Samples with `fields` added.
+    `caption`: arrays [rows, ...], of which the decoder reads its
+    `caption_fields`; `noise`: the decoder's x_T; `*_noise`: `_stage_noise`s."""
     decoder = self.stages.decoder
 
     def decode(chunk, start):
       noise = chunk.pop("noise")
       return decoder.generator.sample(
           decoder.params, chunk, jax.random.fold_in(keys.decoder, start), x_T=noise,
-          **decoder_kwargs)
+          **_pop_noise(chunk), **decoder_kwargs)
     images = self._map_rows(decode, {
-        IMAGE_EMBEDDING: image_embeddings, TOKENS: decoder_tokens, "noise": noise})
+        IMAGE_EMBEDDING: image_embeddings, "noise": noise, **(decoder_noise or {}),
+        **{k: caption[k] for k in decoder.generator.caption_fields}})
     cascade = [images]
+    upsampler_noise = list(upsampler_noise) + [{}] * len(self.stages.upsamplers)
     for index, (stage, kwargs) in enumerate(zip(self.stages.upsamplers,
                                                 upsampler_kwargs)):
       key = jax.random.fold_in(keys.upsampler, index)
       cascade.append(self._map_rows(
           lambda chunk, start, stage=stage, kwargs=kwargs, key=key:
           stage.generator.sample(
-              stage.params, {LOW_RES: jnp.clip(chunk[LOW_RES], -1, 1)},
-              jax.random.fold_in(key, start), **kwargs),
-          {LOW_RES: cascade[-1]}))
+              stage.params, {LOW_RES: jnp.clip(chunk.pop(LOW_RES), -1, 1)},
+              jax.random.fold_in(key, start), **_pop_noise(chunk), **kwargs),
+          {LOW_RES: cascade[-1], **upsampler_noise[index]}))
+    final = np.asarray(cascade[-1], np.float32)
     cascade = tuple(images_lib.to_uint8(x) for x in cascade)
-    return Samples(images=cascade[-1], cascade=cascade,
+    return Samples(images=cascade[-1], cascade=cascade, final=final,
                    image_embeddings=np.asarray(image_embeddings, np.float32),
                    noise=np.asarray(noise, np.float32), **fields)
+
+
+def _stage_noise(given: Mapping[str, Any] | None, stage: str, rows: int
+                 ) -> dict[str, np.ndarray]:
+  """A stage's `noises` entry as row-major arrays for `map_batches`: x_T [N, ...]
+  and step_noise [N, K, ...] (given as [K, N, ...])."""
+  if given is None:
+    return {}
+  unknown = set(given) - {"x_T", "steps"}
+  if unknown:
+    raise UserError(f"noises[{stage!r}] has {sorted(unknown)}; give x_T and/or steps")
+  out = {}
+  if given.get("x_T") is not None:
+    out["x_T"] = np.asarray(given["x_T"], np.float32)
+  if given.get("steps") is not None:
+    out["step_noise"] = np.swapaxes(np.asarray(given["steps"], np.float32), 0, 1)
+  for name, value in out.items():
+    if value.shape[0] != rows:
+      raise UserError(f"noises[{stage!r}] {name} has {value.shape[0]} rows for "
+                      f"{rows} images")
+  return out
+
+
+def _pop_noise(chunk: dict) -> dict:
+  """x_T and step_noise ([K, B, ...] again) out of a chunk, for `sample`."""
+  out = {}
+  if "x_T" in chunk:
+    out["x_T"] = chunk.pop("x_T")
+  if "step_noise" in chunk:
+    out["step_noise"] = jnp.swapaxes(chunk.pop("step_noise"), 0, 1)
+  return out
+
+
+def _rows(arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Each [1 or rows, ...] array as [rows, ...]."""
+  return {k: np.broadcast_to(v, (rows,) + v.shape[1:]).copy()
+          for k, v in arrays.items()}
 
 
 class _Keys:

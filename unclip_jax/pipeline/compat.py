@@ -13,7 +13,6 @@ import os
 
 import ml_collections
 
-from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.errors import UserError
 from unclip_jax.generators.clip import FrozenClip
 
@@ -52,12 +51,12 @@ def _check_reads_clip(clip: FrozenClip, stage: StageInfo, fields: tuple) -> None
             f"the {stage.name} was trained on a CLIP with {field}="
             f"{trained_on[field]}, this CLIP has {clip_values[field]}; pass "
             f"the CLIP it was trained on ({trained_on['workdir']})")
-  tokenizer = os.path.join(stage.workdir, TOKENIZER_FILENAME)
+  tokenizer = os.path.join(stage.workdir, clip.tokenizer.filename)
   if os.path.exists(tokenizer):
     with open(tokenizer, "rb") as f:
-      if f.read() != clip.tokenizer.model_proto:
+      if f.read() != clip.tokenizer.serialized:
         _fail(f"the CLIP ({clip.workdir})", where,
-              "their tokenizer.model files differ")
+              f"their {clip.tokenizer.filename} files differ")
   if _checkpoint_id(trained_on["fingerprint"]) != _checkpoint_id(clip.fingerprint):
     _fail(f"the CLIP ({clip.workdir}, step {clip.step})", where,
           f"the {stage.name} was trained on the CLIP at "
@@ -68,6 +67,11 @@ def _check_reads_clip(clip: FrozenClip, stage: StageInfo, fields: tuple) -> None
 def check_chain(clip: FrozenClip, prior: StageInfo | None, decoder: StageInfo,
                 upsamplers: list[StageInfo]) -> None:
   """Raises IncompatibleStagesError for the first pair that does not fit."""
+  arch = lambda stage: stage.config.get("model", {}).get("arch", "unclip-jax")
+  if prior is not None and arch(prior) != arch(decoder):
+    _fail(f"the prior ({prior.workdir})", f"the decoder ({decoder.workdir})",
+          f"a {arch(prior)} prior makes embeddings for a {arch(prior)} decoder, "
+          f"not a {arch(decoder)} one; pass the decoder converted or trained with it")
   if prior is not None:
     _check_reads_clip(clip, prior, ("embed_dim", "text_width", "context_length"))
   _check_reads_clip(clip, decoder, ("embed_dim",))

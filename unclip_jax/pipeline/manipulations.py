@@ -11,7 +11,7 @@ import numpy as np
 
 from unclip_jax.errors import UserError
 from unclip_jax.data import images as images_lib
-from unclip_jax.generators.base import IMAGE_EMBEDDING, TOKENS
+from unclip_jax.generators.base import IMAGE_EMBEDDING
 from unclip_jax.pipeline import options
 from unclip_jax.pipeline.results import Samples
 
@@ -95,7 +95,7 @@ class Manipulations:
           fixed_point_iterations=fixed_point_iterations)
     x_T = self._map_rows(invert, {
         IMAGE_EMBEDDING: self.encode_images(squares),
-        TOKENS: self._caption_tokens(caption, len(squares)),
+        **self._caption_fields(caption, len(squares)),
         "pixels": images_lib.at_resolution(squares, self.base_resolution)})
     single = not isinstance(image, (list, tuple)) and not (
         isinstance(image, np.ndarray) and image.ndim == 4)

@@ -9,7 +9,7 @@ from typing import Sequence
 import emoji
 import numpy as np
 
-from unclip_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from unclip_jax.data.tokenizer import Tokenizer
 from unclip_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ MAX_PROMPT_CHARACTERS = 2000
 
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompts:
-  tokens: np.ndarray  # int32 [N, CLIP context], right-padded, each ending in EOS
+  tokens: np.ndarray  # int32 [N, CLIP context], right-padded, each with its end token
   unconditional: np.ndarray  # bool [N]: empty prompts, sampled without a caption
 
 
@@ -93,11 +93,12 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str],
   decoder": 64}), named in the truncation warning.
   """
   context = tokenizer.context_length
-  measure = Tokenizer(tokenizer.model_proto, _MEASURE_CONTEXT)
+  measure = tokenizer.with_context(_MEASURE_CONTEXT)
   full = measure.encode(list(prompts))
-  lengths = (full != PAD_ID).sum(axis=1)  # pieces + the end token
+  # Pieces + the end token (+ the start token of CLIP's BPE).
+  lengths = measure.text_mask(full).sum(axis=1)
   tokens = full[:, :context].copy()
-  tokens[lengths > context, context - 1] = EOS_ID
+  tokens[lengths > context, context - 1] = tokenizer.end_id
   unconditional = np.asarray([not p.strip() for p in prompts])
   for prompt, length, row, empty in zip(prompts, lengths, full, unconditional):
     if empty:
@@ -110,9 +111,10 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str],
                         sorted(cut.items(), key=lambda item: item[1]))
       log.warning("prompt %s is %d tokens long, so it is truncated: %s",
                   _short(prompt), length, reads)
-    if UNK_ID in row:
+    unk_id = tokenizer.unk_id  # None: a byte-level BPE has no unknown pieces
+    if unk_id is not None and unk_id in row:
       characters = {c for c in prompt if not c.isspace()}
-      unknown = sorted(c for c in characters if UNK_ID in measure.encode([c])[0])
+      unknown = sorted(c for c in characters if unk_id in measure.encode([c])[0])
       if len(unknown) == len(characters):
         raise UserError(
             f"prompt {_short(prompt)} has no character the tokenizer knows, so "

@@ -16,6 +16,9 @@ class Samples:
   tokens: np.ndarray | None = None  # int32 [N, L]: CLIP caption tokens
   text_embeddings: np.ndarray | None = None  # float32 [N, D]: z_t
   fractions: np.ndarray | None = None  # float [N]: slerp positions of a strip
+  # float32 [N, H, W, 3]: the last stage's output as sampled (about [-1, 1]),
+  # before rounding to `images`.
+  final: np.ndarray | None = None
 
   @property
   def base_images(self) -> np.ndarray:

@@ -86,8 +86,8 @@ class GeneratorStage(Stage):
   generator: generators.Generator
 
   def build(self, clip_sizes):
-    self.generator = generators.generator_class(self.config.stage).from_config(
-        self.config, clip_sizes)
+    generator_class = generators.generator_class(self.config.stage, self.config)
+    self.generator = generator_class.from_config(self.config, clip_sizes)
 
   def abstract_batch(self):
     return self.generator.abstract_batch(self.config.batch_size)

@@ -165,13 +165,14 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
         (text_embedding, text_encodings, image_embedding))
     valid = batch["mask"]
     moments.add(image_embedding[valid])
-    max_tokens = max(max_tokens, int(np.max(np.sum(batch[TOKENS][valid] != PAD_ID, 1))))
+    masks = clip.text_mask(batch[TOKENS])
+    max_tokens = max(max_tokens, int(np.max(np.sum(masks[valid], 1))))
     extra = _passthrough_fields(batch)
     for row in np.flatnonzero(valid):
       writer.write(encode_record(
           image_embedding=image_embedding[row], text_embedding=text_embedding[row],
           text_encodings=text_encodings[row], tokens=batch[TOKENS][row],
-          caption=str(batch[CAPTION][row]),
+          text_mask=masks[row], caption=str(batch[CAPTION][row]),
           extra={k: batch[k][row] for k in extra}))
       count += 1
   writer.close()
@@ -195,11 +196,13 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
 
 
 def encode_record(*, image_embedding, text_embedding, text_encodings, tokens,
-                  caption: str, extra: dict | None = None) -> bytes:
-  """One example -> msgpack bytes. Only the real (non-pad) token encodings are kept:
-  captions are usually far shorter than the context."""
+                  caption: str, extra: dict | None = None,
+                  text_mask=None) -> bytes:
+  """One example -> msgpack bytes. Only the real token encodings are kept (those
+  of `text_mask` [L], the CLIP's; default: the non-pad tokens of ours): captions
+  are usually far shorter than the context."""
   tokens = np.asarray(tokens, np.int32)
-  length = int(np.sum(tokens != PAD_ID))
+  length = int(np.sum(tokens != PAD_ID if text_mask is None else text_mask))
   record = {IMAGE_EMBEDDING: np.asarray(image_embedding, np.float32),
             TEXT_EMBEDDING: np.asarray(text_embedding, np.float32),
             TEXT_ENCODINGS: np.asarray(text_encodings[:length], np.float16),
@@ -210,14 +213,15 @@ def encode_record(*, image_embedding, text_embedding, text_encodings, tokens,
 
 
 def decode_record(data: bytes) -> dict:
-  """msgpack bytes -> the record, token encodings zero-padded to the context."""
+  """msgpack bytes -> the record, token encodings zero-padded to the context; the
+  text mask marks the kept ones (the real tokens, a prefix)."""
   record = serialization.msgpack_restore(data)
   tokens = record[TOKENS]
   kept = record[TEXT_ENCODINGS]
   encodings = np.zeros((len(tokens), kept.shape[-1]), np.float16)
   encodings[:len(kept)] = kept
   record[TEXT_ENCODINGS] = encodings
-  record[TEXT_MASK] = tokens != PAD_ID
+  record[TEXT_MASK] = np.arange(len(tokens)) < len(kept)
   return record
 
 

@@ -15,7 +15,6 @@ import ml_collections
 from unclip_jax.checkpoints.workdir import (FROZEN_CLIP_FILENAME, StageWorkdir,
                                             write_json_atomically)
 from unclip_jax.data.sources import BUNDLED_BUILDERS
-from unclip_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME
 from unclip_jax.errors import ConfigError, WorkdirError
 from unclip_jax.generators.clip import FrozenClip
 
@@ -59,11 +58,9 @@ def record_frozen_clip(workdir: str, clip: FrozenClip, **extra) -> None:
   Process 0 writes; the JSON is replaced atomically."""
   if jax.process_index() != 0:
     return
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILENAME)
+  filename = clip.tokenizer.filename  # tokenizer.model, or a converted clip_bpe.json
+  tokenizer_path = os.path.join(workdir, filename)
   if not os.path.exists(tokenizer_path):
-    shutil.copyfile(os.path.join(clip.workdir, TOKENIZER_FILENAME), tokenizer_path)
-  info = {"fingerprint": clip.fingerprint, "workdir": clip.workdir, "step": clip.step,
-          "embed_dim": clip.embed_dim, "text_width": clip.text_width,
-          "vocab_size": clip.vocab_size, "context_length": clip.context_length,
-          "resolution": clip.resolution, **extra}
-  write_json_atomically(os.path.join(workdir, FROZEN_CLIP_FILENAME), info)
+    shutil.copyfile(os.path.join(clip.workdir, filename), tokenizer_path)
+  write_json_atomically(os.path.join(workdir, FROZEN_CLIP_FILENAME),
+                        clip.record(**extra))

@@ -28,6 +28,22 @@ _STATE_FIELDS = {"optim.grad_clip": bool}
 _WHAT_CHANGES = {"data": "different data", "tokenizer": "a different tokenizer",
                  "optim": "a different optimizer state"}
 _MISSING = object()  # a field one of two configs lacks
+# Fields added after workdirs were written: what their absence from an older
+# config.json meant (the behaviour before the field existed), so that resuming
+# such a run with the default config is no change.
+_ABSENT_MEANS = {
+    "diffusion.snr_shift": 1.0,
+    "tokenizer.kind": "sentencepiece",
+    "model.activation": "gelu",
+    "model.layer_norm_eps": 1e-5,
+    "model.vision_mlp_ratio": None,
+    "model.text_mlp_ratio": None,
+    "model.text_pooling": "last_non_pad",
+    "model.end_id": 2,
+    "model.text_key_padding_mask": True,
+    "model.image_mean": None,
+    "model.image_std": None,
+}
 # One checkpoint on disk: the train state's bytes, +10%, + 16 MiB (orbax's
 # metadata, the data iterator's state, the config).
 _CHECKPOINT_MARGIN = 1.1
@@ -169,7 +185,8 @@ def changed_identity_fields(previous: dict, resolved: dict
     if not _changes_the_run(field):
       continue
     normalize = _STATE_FIELDS.get(field, lambda value: value)
-    before, after = old.get(field, _MISSING), new.get(field, _MISSING)
+    before = old.get(field, _ABSENT_MEANS.get(field, _MISSING))
+    after = new.get(field, _ABSENT_MEANS.get(field, _MISSING))
     if normalize(before) != normalize(after):
       changed.append((field, before, after))
   return changed
