@@ -9,6 +9,10 @@ import ml_collections
 from configs import common
 
 
+# What get_config takes (`python -m unclip_jax.train --help` lists them).
+PRESETS = ("tiny", "demo", "paper")
+
+
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c = common.base_config("clip")
 
@@ -121,5 +125,5 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.9999
     c.mesh.shape = (-1, 8, 1)
   else:
-    raise ValueError(f"unknown preset {preset!r}: use tiny, demo or paper")
+    raise common.unknown_preset(preset, PRESETS)
   return c

@@ -9,6 +9,12 @@ import ml_collections
 from unclip_jax.parallel.axes import DEFAULT_RULES
 
 
+def unknown_preset(preset: str, presets: tuple[str, ...]) -> ValueError:
+  """The error for a preset a config file lacks, naming the ones it has."""
+  names = ", ".join(presets[:-1]) + " or " + presets[-1]
+  return ValueError(f"unknown preset {preset!r}: use {names}")
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
@@ -75,4 +81,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.eval_split = "test"
   c.data.image_key = "image"
   c.data.text_key = "caption"
+  # Other TFDS datasets: let tfds download and prepare a missing one on first
+  # use (off: a run should not start an unplanned download).
+  c.data.download = False
   return c

@@ -15,6 +15,10 @@ import ml_collections
 from configs import common
 
 
+# What get_config takes (`python -m unclip_jax.train --help` lists them).
+PRESETS = ("tiny", "demo", "demo_64", "paper", "paper_1024")
+
+
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   c = common.base_config("upsampler")
 
@@ -155,6 +159,5 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
       c.optim.lr = 1.0e-4
       c.eval.batch_size = 8
   else:
-    raise ValueError(f"unknown preset {preset!r}: use tiny, demo, demo_64, paper "
-                     "or paper_1024")
+    raise common.unknown_preset(preset, PRESETS)
   return c

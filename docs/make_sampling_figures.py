@@ -1,6 +1,10 @@
 """Writes the PNG strips of docs/sampling.md from a demo's workdirs.
 
-  python docs/make_sampling_figures.py --workdir DIR [--out docs]
+  python docs/make_sampling_figures.py --workdir DIR --out OUT_DIR
+
+OUT_DIR (made if missing) gets sampling_text_to_image.png, sampling_variations.png,
+sampling_interpolation.png and sampling_text_diff.png. There is no default: the
+page's own figures are tracked files, replaced only by an explicit `--out docs`.
 
 DIR holds clip/, prior/, decoder/ and upsampler/ (upsampler2/, ...), as
 `python -m unclip_jax.demo --workdir DIR` leaves them. The prompts and the input
@@ -16,8 +20,8 @@ from absl import flags
 from unclip_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the demo's workdir")
-_OUT = flags.DEFINE_string("out", os.path.dirname(os.path.abspath(__file__)),
-                           "where the PNGs go")
+_OUT = flags.DEFINE_string("out", None, "the folder the PNGs go to (made if "
+                           "missing; `docs` replaces this page's figures)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 _MIN_TILE = 64
@@ -35,7 +39,9 @@ def main(argv):
   from unclip_jax import UnCLIPPipeline  # pylint: disable=import-outside-toplevel
   from unclip_jax.demo import evaluate  # pylint: disable=import-outside-toplevel
   from unclip_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  from unclip_jax.train.config_checks import make_writable_dir  # pylint: disable=import-outside-toplevel
 
+  make_writable_dir(_OUT.value, "--out")  # before minutes of sampling, not after
   root = _WORKDIR.value
   pipe = UnCLIPPipeline.from_workdirs(
       clip=os.path.join(root, "clip"), prior=os.path.join(root, "prior"),
@@ -88,5 +94,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  flags.mark_flags_as_required(["workdir", "out"])
   cli.run(main)

@@ -69,7 +69,10 @@ for ((index = 1; index < processes; index++)); do
   JAX_PROCESS_ID=$index "${train[@]}" > "$logs/process_$index.log" 2>&1 &
   pids+=($!)
 done
-JAX_PROCESS_ID=0 "${train[@]}" &
+# Gloo (jax's CPU collectives between processes) prints "[Gloo] Rank r is
+# connected to n peer ranks ..." on stdout for every group it connects: muted
+# here, kept in the other processes' logs.
+JAX_PROCESS_ID=0 "${train[@]}" > >(grep --line-buffered -v '^\[Gloo\] Rank ') &
 pids+=($!)
 # The first process to fail ends the job: the others would wait for it forever.
 for _ in "${pids[@]}"; do

@@ -82,6 +82,10 @@ CASES = [
     Case("unknown-field", train_flags("--config=configs/clip.py:tiny",
                                       "--config.optim.lrr=1", "--workdir=w"),
          UserError, "no such field 'lrr'; did you mean \"lr\""),
+    Case("field-below-a-value", train_flags("--config=configs/clip.py:tiny",
+                                            "--config.optim.lr.x=1", "--workdir=w"),
+         UserError, "optim.lr is a value, not a group of fields, so it has no "
+         "field 'x'; override --config.optim.lr itself"),
     Case("field-type", train_flags("--config=configs/clip.py:tiny",
                                    "--config.batch_size=abc", "--workdir=w"),
          UserError, "--config.batch_size=abc: not a whole number"),

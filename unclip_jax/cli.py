@@ -57,6 +57,12 @@ def flag_error_message(error: BaseException) -> str:
     return f"{flag.group(1)}: {reason}"
   if isinstance(error, (AttributeError, KeyError)):  # ml_collections: --config.lrr=1
     text = one_line(str(error))
+    below_a_value = re.search(r"Attempting to lookup: ([\w.]+)\.(\w+)", text)
+    if below_a_value:  # --config.optim.lr.x=1: ml_collections names the type
+      parent, child = below_a_value.groups()
+      return (f"bad --config override: {parent} is a value, not a group of "
+              f"fields, so it has no field '{child}'; override --config.{parent} "
+              "itself")
     field = re.search(r"'(\w+)'", text)
     hint = re.search(r"Did you mean.*?\?", text)
     return (f"bad --config override: no such field "

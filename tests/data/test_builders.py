@@ -1,4 +1,6 @@
 """The TFDS builders build without TensorFlow, deterministically, with disjoint splits."""
+import logging
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -85,3 +87,24 @@ def test_concurrent_first_use_builds_once(tmp_path, monkeypatch):
   for thread in threads:
     thread.join()
   assert results == [True] * 3 and builds == ["r8_n3_s0"]
+
+
+def test_a_first_build_prints_two_lines_of_ours_and_none_of_tfds(tmp_path, capfd,
+                                                               caplog):
+  caplog.set_level(logging.INFO)
+  sources.prepare_bundled("emoji_scenes", resolution=8, num_emoji=2, seed=0,
+                          data_dir=str(tmp_path))
+  printed = "".join(capfd.readouterr())
+  assert "Downloading and preparing" not in printed and "examples/s" not in printed
+  assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
+  ours = [r.getMessage() for r in caplog.records if r.name.startswith("unclip_jax")]
+  assert len(ours) == 2 and ours[1].startswith("built it in ")
+  assert ours[0].startswith("building the emoji_scenes data set (r8_n2_s0)")
+  assert tfds.core.utils.tqdm_utils._active  # restored for other datasets' builds
+
+
+def test_the_advice_to_install_opencv_is_dropped(caplog):
+  absl_logger = logging.getLogger("absl")
+  absl_logger.warning("OpenCV is not installed. We recommend using OpenCV ...")
+  absl_logger.warning("another warning")
+  assert [r.getMessage() for r in caplog.records] == ["another warning"]

@@ -1,8 +1,10 @@
 """Scene composition, caption grammar and the held-out combinations."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from unclip_jax.data import emoji_assets, scenes
+from unclip_jax.errors import UserError
 
 RESOLUTION = 32
 
@@ -72,3 +74,31 @@ def test_split_combinations_keeps_every_part_even_for_one_emoji():
   train, test = scenes.split_combinations(1, seed=3, test_fraction=0.5)
   assert {t[1] for t in train} == set(range(11)) and {t[2] for t in train} == set(range(5))
   assert test
+
+
+def test_the_command_writes_the_scene_a_caption_describes(tmp_path):
+  path = tmp_path / "new folder" / "scene.png"
+  scenes.write_scene("red apple on a blue background in the  top left", str(path), 16)
+  assert np.array_equal(np.asarray(Image.open(path)),
+                        scenes.compose_scene(_apple(), "blue", "top left", 16))
+  with pytest.raises(UserError, match="end --out in .png"):
+    scenes.write_scene("fire on a red background in the center",
+                       str(tmp_path / "s.unknown"), 16)
+
+
+@pytest.mark.parametrize("caption, resolution, message", [
+    ("red aple on a blue background in the center", 16,
+     "no bundled emoji is named 'red aple' (did you mean 'red apple'?)"),
+    ("red apple on a teal background in the center", 16,
+     "'teal' is not a background colour; use one of red, orange"),
+    ("red apple on a blue background in the middle", 16,
+     "'middle' is not a position; use one of top left"),
+    ("a red apple", 16, "does not read '<emoji> on a <colour> background in the"),
+    ("red apple on a blue background in the center", 4,
+     "--resolution=4: must be in [8, 1024]"),
+])
+def test_the_command_refuses_bad_input_in_one_line(tmp_path, caption, resolution,
+                                                   message):
+  with pytest.raises(UserError) as raised:
+    scenes.write_scene(caption, str(tmp_path / "s.png"), resolution)
+  assert message in str(raised.value) and "\n" not in str(raised.value)

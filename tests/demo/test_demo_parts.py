@@ -79,19 +79,50 @@ def test_stages_run_after_what_they_read_and_finished_ones_are_skipped(
             _Script("b", after=("a",)),
             _Script("c", after=()))
   events = []
-  plan.run_all(root, events.append, stages=stages, max_parallel=1)
+  assert plan.run_all(root, events.append, stages=stages, max_parallel=1) == []
   order = open(os.path.join(root, "order")).read().split()
   assert order == ["a", "b", "c"]  # priority order, dependencies first
   assert "a done" in events and "c done" in events
-  plan.run_all(root, events.append, stages=stages)
+  events.clear()
+  assert plan.run_all(root, events.append, stages=stages) == ["a", "b", "c"]
   assert open(os.path.join(root, "order")).read().split() == order  # all skipped
+  assert [e for e in events if isinstance(e, str)] == [
+      "already trained (a checkpoint at the preset's last step), so skipped: a, b, c"]
+
+
+def test_the_record_says_which_stages_trained_and_keeps_the_training_time():
+  names = ["a", "b"]
+  assert plan.training_record(names, [], 61.23, None) == {
+      "stages": {"a": "trained", "b": "trained"}, "train_seconds": 61.2}
+  assert plan.training_record(names, ["a"], 30.0, {"train_seconds": 61.2}) == {
+      "stages": {"a": "already trained", "b": "trained"}, "train_seconds": 30.0}
+  # A rerun that trained nothing keeps the time that trained them, not 0.
+  rerun = plan.training_record(names, names, 0.01, {"train_seconds": 61.2})
+  assert rerun == {"stages": {"a": "already trained", "b": "already trained"},
+                   "train_seconds": 61.2}
+  assert plan.training_record(names, names, 0.01, None)["train_seconds"] is None
 
 
 def test_a_failed_stage_is_named_with_its_log(tmp_path, one_step_stages):
   with pytest.raises(plan.StageFailed, match=r"the broken stage failed \(exit 1\)"
-                     r".*logs/broken.log"):
+                     r".*logs/broken.log") as raised:
     plan.run_all(str(tmp_path), lambda event: None,
                  stages=(_Script("broken", after=()),))
+  assert raised.value.resumable  # a crash: a rerun resumes
+
+
+class _BadInput(plan.StageRun):
+  def command(self, root):
+    return [sys.executable, "-c", "import sys; print('error: set --config.x', "
+            "file=sys.stderr); sys.exit(2)"]
+
+
+def test_a_stage_refusing_its_input_is_not_called_resumable(tmp_path,
+                                                            one_step_stages):
+  with pytest.raises(plan.StageFailed, match=r"\(exit 2\): error: set --config.x"
+                     ) as raised:
+    plan.run_all(str(tmp_path), lambda event: None, stages=(_BadInput("bad", after=()),))
+  assert not raised.value.resumable  # its one line names the fix; a rerun repeats it
 
 
 def test_stage_processes_run_on_cpu_unless_the_user_or_the_host_says_otherwise():

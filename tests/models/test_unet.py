@@ -21,11 +21,12 @@ DECODER = dict(base_channels=16, channel_mults=(1,), num_res_blocks=1,
 UPSAMPLER = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                  resolution=SIDE, norm_groups=4, low_res_conditioning=True)
 
-# DALL-E 2 Table 3 (and GLIDE for the decoder's text transformer).
+# DALL-E 2 Table 3 (and GLIDE for the decoder's text transformer); the
+# decoder's vocabulary is the paper CLIP's, as configs/decoder.py:paper builds it.
 PAPER_DECODER = dict(base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=3,
                      attention_resolutions=(32, 16, 8), resolution=64,
                      head_channels=64, dropout=0.1, out_channels=6,
-                     image_embedding_dim=1024, num_image_tokens=4, vocab_size=50257,
+                     image_embedding_dim=1024, num_image_tokens=4, vocab_size=49408,
                      context_length=256, text_width=2048, text_depth=24,
                      text_heads=32)
 PAPER_UPSAMPLER_256 = dict(base_channels=320, channel_mults=(1, 2, 3, 4),

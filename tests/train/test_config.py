@@ -1,4 +1,5 @@
 """The config system: presets, command-line overrides, one-line errors."""
+import importlib
 import os
 import subprocess
 import sys
@@ -35,12 +36,26 @@ def test_presets_have_the_contract_fields():
       assert field in c.optim
 
 
+def test_train_help_lists_every_preset_and_the_override_syntax():
+  usage = subprocess.run([sys.executable, "-m", "unclip_jax.train", "--help"],
+                         cwd=ROOT, capture_output=True, text=True, check=False,
+                         timeout=60).stdout
+  for stage in ("clip", "prior", "decoder", "upsampler"):
+    module = importlib.import_module(f"configs.{stage}")
+    assert f"configs/{stage}.py: {', '.join(module.PRESETS)}" in usage
+    for preset in module.PRESETS:  # each listed preset loads
+      assert module.get_config(preset).stage == stage
+  assert "--config.<field>=<value>" in usage and "--config.optim.lr=3e-4" in usage
+
+
 def test_command_line_overrides_any_leaf(monkeypatch):
   c = _parse(monkeypatch, "--config.optim.lr=0.125", "--config.mesh.shape=(2,2,2)",
-             "--config.data.num_emoji=4")
+             "--config.data.num_emoji=4", "--config.data.download=True",
+             "--config.model.remat_policy=full")
   assert c.optim.lr == 0.125
   assert tuple(c.mesh.shape) == (2, 2, 2)
   assert c.data.num_emoji == 4
+  assert c.data.download is True and c.model.remat_policy == "full"  # docs name them
   assert c.total_steps == clip_config.get_config("tiny").total_steps
 
 

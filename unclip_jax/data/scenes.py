@@ -2,13 +2,25 @@
 
 The caption grammar, colours and positions are a contract (DESIGN.md, "The bundled data";
 docs/data.md): evaluation parses captions, and prompts are written against them.
+
+As a command, writes the scene a caption describes to a PNG (e.g. an input for the
+image manipulations, docs/sampling.md):
+
+  python -m unclip_jax.data.scenes --caption "fire on a blue background in the center" \
+      --out scene.png [--resolution 64]
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import os
+import re
 
 import numpy as np
 from PIL import Image
+
+from unclip_jax.data import emoji_assets
+from unclip_jax.errors import UserError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -127,3 +139,76 @@ def split_combinations(num_emoji: int, seed: int, test_fraction: float = 0.2):
       positions_left[p] -= 1
   train = [t for t in triples if t not in held_out]
   return train, sorted(held_out)
+
+
+# The command: one caption's scene as a PNG.
+
+_CAPTION = re.compile(
+    r"(?P<name>.+) on an? (?P<color>\S+) background in the (?P<position>.+)")
+# The pipeline refuses images under 8 px (data/images.py); the top is a sanity bound.
+SIDE_RANGE = (8, 1024)
+
+
+def parse_caption(text: str) -> tuple[emoji_assets.EmojiEntry, str, str]:
+  """'fire on a blue background in the center' -> (fire's entry, 'blue', 'center');
+  a UserError naming the fix for what the grammar or the bundled emoji lack."""
+  match = _CAPTION.fullmatch(" ".join(text.split()))
+  if not match:
+    raise UserError(
+        f"caption {text!r} does not read '<emoji> on a <colour> background in the "
+        f"<position>'; write it that way, e.g. {caption('fire', 'blue', 'center')!r}")
+  name, color, position = match.group("name", "color", "position")
+  if color not in COLORS:
+    raise UserError(f"{color!r} is not a background colour; use one of "
+                    f"{', '.join(COLOR_NAMES)}")
+  if position not in POSITIONS:
+    raise UserError(f"{position!r} is not a position; use one of "
+                    f"{', '.join(POSITIONS)}")
+  entries = {entry.name: entry for entry, _ in emoji_assets.catalogue()}
+  if name not in entries:
+    close = difflib.get_close_matches(name, list(entries), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UserError(f"no bundled emoji is named {name!r}{hint}; name one by its "
+                    "English emoji name, e.g. 'fire'")
+  return entries[name], color, position
+
+
+def write_scene(text: str, path: str, resolution: int) -> None:
+  """Writes the scene `text` describes, rendered as the data sets render it, to
+  the image file `path` (its folder made if missing)."""
+  low, high = SIDE_RANGE
+  if not low <= resolution <= high:
+    raise UserError(f"--resolution={resolution}: must be in [{low}, {high}]")
+  if os.path.isdir(path):
+    raise UserError(f"--out={path} is a folder; pass a file name ending in .png")
+  if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+    raise UserError(f"cannot tell an image format from {path!r}; end --out in .png")
+  entry, color, position = parse_caption(text)
+  image = compose_scene(emoji_assets.load_rgba(entry), color, position, resolution)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image).save(path)
+  except OSError as e:
+    raise UserError(f"cannot write {path} ({e.strerror or e}); pass --out a "
+                    "writable path") from None
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  values = flags.FLAGS
+  write_scene(values.caption, values.out, values.resolution)
+  print(values.out)
+
+
+if __name__ == "__main__":
+  # Defined here, not on import: the library part is imported by commands that
+  # have flags of the same names.
+  from absl import flags  # pylint: disable=ungrouped-imports
+  from unclip_jax import cli
+  flags.DEFINE_string("caption", None, "'<emoji> on a <colour> background in the "
+                      "<position>', e.g. 'fire on a blue background in the center'")
+  flags.DEFINE_string("out", None, "the PNG to write")
+  flags.DEFINE_integer("resolution", 64, "the image side in pixels")
+  flags.mark_flags_as_required(["caption", "out"])
+  cli.run(main)

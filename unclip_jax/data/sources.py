@@ -10,11 +10,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import constants as tfds_constants
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from unclip_jax.data import builders
 from unclip_jax.data.builders import emoji_config
@@ -24,6 +26,29 @@ IMAGE = "image"
 CAPTION = "caption"
 
 log = logging.getLogger(__name__)
+
+
+class _DropMessages(logging.Filter):
+  """Drops log records whose text contains one of `fragments`."""
+
+  def __init__(self, *fragments: str):
+    super().__init__()
+    self.fragments = fragments
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    try:
+      text = record.getMessage()
+    except (TypeError, ValueError):  # a malformed record: let its handler say so
+      return True
+    return not any(fragment in text for fragment in self.fragments)
+
+
+# tfds (through absl) advises installing OpenCV the first time it decodes an
+# image, in every process; PIL decodes these small PNGs fine, so it is noise.
+logging.getLogger("absl").addFilter(_DropMessages("OpenCV is not installed"))
+# What tfds warns about a variant folder it has not built yet: the case
+# prepare_bundled handles by building it.
+_NOT_BUILT_YET = _DropMessages("has no dataset_info.json")
 
 
 def decode_text(value):
@@ -138,15 +163,41 @@ def prepare_bundled(name: str, *, resolution: int, num_emoji: int | None, seed: 
     return builder_class(config=config, data_dir=data_dir, file_format="array_record")
 
   builder = make_builder()
-  if builder.is_prepared():  # The common case: no lock, no writes.
+  if _is_prepared(builder):  # The common case: no lock, no writes.
     return builder
   with _build_lock(os.fspath(builder.data_dir_root), name, config.name) as locked:
     builder = make_builder()  # Another process may have finished while we waited.
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
       if locked:
         remove_killed_builds(builder)
-      builder.download_and_prepare()
+      log.info("building the %s data set (%s) in %s, once", name, config.name,
+               builder.data_dir_root)
+      started = time.monotonic()
+      with _no_progress_bars():
+        builder.download_and_prepare()
+      log.info("built it in %.1f s", time.monotonic() - started)
   return builder
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_NOT_BUILT_YET)
+  try:
+    return builder.is_prepared()
+  finally:
+    absl_logger.removeFilter(_NOT_BUILT_YET)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+  """tfds' progress bars for a build of seconds to a minute are a screenful of
+  carriage returns in a log; the caller logs the build's start and end."""
+  was_active = getattr(tqdm_utils, "_active", True)  # tfds has no public getter
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was_active)
 
 
 def get_data_source(data_cfg, split: str) -> CaptionedImageSource:

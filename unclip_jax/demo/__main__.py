@@ -51,6 +51,16 @@ class _Reporter:
     print(f"{self._stamp()} " + "; ".join(parts), flush=True)
 
 
+def _read_json(path: str) -> dict | None:
+  """An earlier run's record, or None (missing or unreadable)."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) else None
+
+
 def main(argv):
   del argv
   from unclip_jax.demo import evaluate, plan  # pylint: disable=import-outside-toplevel
@@ -64,17 +74,20 @@ def main(argv):
   make_writable_dir(root)  # before the first stage starts, not in its log
   started = time.monotonic()
   try:
-    plan.run_all(root, _Reporter(started))
+    skipped = plan.run_all(root, _Reporter(started))
   except plan.StageFailed as e:
-    raise UserError(f"{e}; rerun the same command to resume") from None
+    raise UserError(f"{e}; rerun the same command to resume" if e.resumable
+                    else str(e)) from None
   train_seconds = time.monotonic() - started
 
   print(f"[{_format_minutes(train_seconds)}] sampling the held-out prompts",
         flush=True)
   result = evaluate.run(root, num_images=_NUM_IMAGES.value, seed=_SEED.value)
   total = time.monotonic() - started
-  result.update(train_seconds=round(train_seconds, 1), total_seconds=round(total, 1))
   path = os.path.join(root, "demo_eval.json")
+  result.update(plan.training_record([s.name for s in plan.STAGES], skipped,
+                                     train_seconds, _read_json(path)))
+  result.update(total_seconds=round(total, 1))
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=1)
   os.replace(path + ".tmp", path)

@@ -17,6 +17,7 @@ import sys
 import time
 
 import configs
+from unclip_jax.cli import USER_ERROR_EXIT_CODE
 from unclip_jax.parallel import distributed
 
 
@@ -92,19 +93,31 @@ def logged_step(workdir: str) -> int:
 
 
 class StageFailed(RuntimeError):
-  pass
+  """A stage's process exited non-zero. `resumable`: whether rerunning the
+  demo can get past it (a crash, a kill, a preemption); not so for bad input,
+  whose one line (exit status 2) names the fix instead."""
+
+  def __init__(self, message: str, resumable: bool):
+    super().__init__(message)
+    self.resumable = resumable
 
 
-def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None:
+def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL
+            ) -> list[str]:
   """Trains every unfinished stage, each once the stages it reads are done, at
   most `max_parallel` at a time, in `stages` order. Calls `report(event)` with a
   line to print when a stage starts or ends, and `report(progress)` every few
   seconds with {name: (step, total, steps_per_sec | None)}. Raises StageFailed
   naming the stage and its log when one exits non-zero; the others are stopped
-  (a rerun resumes every stage from its last checkpoint)."""
+  (a rerun resumes every stage from its last checkpoint). Returns the names of
+  the stages that were already trained, and so skipped."""
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
-  done = {s.name for s in stages
-          if trained_steps(s.workdir(root)) >= total_steps(s)}
+  skipped = [s.name for s in stages
+             if trained_steps(s.workdir(root)) >= total_steps(s)]
+  if skipped:
+    report(f"already trained (a checkpoint at the preset's last step), so "
+           f"skipped: {', '.join(skipped)}")
+  done = set(skipped)
   waiting = [s for s in stages if s.name not in done]
   # name -> [stage, process, log path, total steps, first logged step, its time]
   running = {}
@@ -139,7 +152,8 @@ def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None
         del running[name]
         if code != 0:
           raise StageFailed(f"the {name} stage failed (exit {code}): "
-                            f"{last_line(log_path)} (full log: {log_path})")
+                            f"{last_line(log_path)} (full log: {log_path})",
+                            resumable=code != USER_ERROR_EXIT_CODE)
         done.add(name)
         report(f"{name} done")
       report(progress)
@@ -148,6 +162,21 @@ def run_all(root: str, report, stages=STAGES, max_parallel=MAX_PARALLEL) -> None
       process.terminate()
     for _, process, *_ in running.values():
       process.wait(timeout=60)
+  return skipped
+
+
+def training_record(names, skipped, seconds: float, previous: dict | None
+                    ) -> dict:
+  """demo_eval.json's account of training: which stages this run trained and
+  which were already trained, and `train_seconds`: this run's time in training,
+  or, where it trained nothing, the time the `previous` record gives (None if
+  none does) rather than a 0 that reads as a training run."""
+  if all(name in skipped for name in names):
+    seconds = (previous or {}).get("train_seconds")
+  known = isinstance(seconds, (int, float))
+  return {"stages": {name: "already trained" if name in skipped else "trained"
+                     for name in names},
+          "train_seconds": round(seconds, 1) if known else None}
 
 
 def last_line(path: str) -> str:

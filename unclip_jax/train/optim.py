@@ -3,10 +3,12 @@ import jax
 import ml_collections
 import optax
 
-# Parameters that get weight decay: matrices and embedding tables. Biases,
-# norm scales, the logit scale, position embeddings and learned null
-# embeddings are left alone (by name, so scanned [layers, ...] stacks of
-# biases, which are 2-D, are still excluded).
+# Parameters that get weight decay: those with a path part named exactly
+# "kernel" or "embedding" (nn.Dense / nn.Conv kernels, nn.Embed tables). By
+# name, not by rank, so scanned [layers, ...] stacks of biases (2-D) stay out;
+# so do params declared under names of their own, such as the attention
+# projections' qkv_kernel / out_kernel / context_kv_kernel, the UNet's
+# emb_kernel and image_tokens_kernel (docs/training.md lists them).
 DECAYED_NAMES = ("kernel", "embedding")
 
 

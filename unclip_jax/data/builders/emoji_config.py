@@ -81,3 +81,15 @@ class AnyConfigNameMixin:
 
 def _parameters(config: EmojiConfig) -> tuple:
   return config.resolution, config.num_emoji, config.seed
+
+
+class QuietPreparationMixin:
+  """tfds prints "Downloading and preparing dataset Unknown size ..." and "...
+  downloaded and prepared" in bold around every build; these builders download
+  nothing, and sources.prepare_bundled logs one line of its own instead."""
+
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass

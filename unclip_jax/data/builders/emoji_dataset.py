@@ -26,7 +26,8 @@ def encode_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class Emoji(emoji_config.AnyConfigNameMixin, tfds.core.GeneratorBasedBuilder):
+class Emoji(emoji_config.AnyConfigNameMixin, emoji_config.QuietPreparationMixin,
+            tfds.core.GeneratorBasedBuilder):
   """Named emoji on white; configs `r{resolution}_n{num_emoji}_s{seed}`."""
 
   VERSION = tfds.core.Version("1.0.0")

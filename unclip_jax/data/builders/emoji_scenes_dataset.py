@@ -19,7 +19,8 @@ that every emoji, colour and position still appears in `train`.
 _HOMEPAGE = "https://github.com/twitter/twemoji"
 
 
-class EmojiScenes(emoji_config.AnyConfigNameMixin, tfds.core.GeneratorBasedBuilder):
+class EmojiScenes(emoji_config.AnyConfigNameMixin, emoji_config.QuietPreparationMixin,
+                  tfds.core.GeneratorBasedBuilder):
   """Emoji scenes; configs `r{resolution}_n{num_emoji}_s{seed}`."""
 
   VERSION = tfds.core.Version("1.0.0")
