@@ -1,5 +1,6 @@
 """Timing a stage's real train step (the loop's, through `train.setup`)."""
 import itertools
+import os
 import tempfile
 import time
 
@@ -22,7 +23,11 @@ def build_stage(config: ml_collections.ConfigDict,
   """The stage, built from configs alone ("synthetic") or prepared from its data
   ("real": the bundled data, and for a prior or decoder a trained
   `config.clip_workdir`)."""
-  stage = stages.get_stage(config.stage)(config, workdir or tempfile.mkdtemp())
+  workdir = workdir or tempfile.mkdtemp()
+  # A scratch workdir need not exist yet: the stage writes its tokenizer and
+  # caches there.
+  os.makedirs(workdir, exist_ok=True)
+  stage = stages.get_stage(config.stage)(config, workdir)
   if data == "real":
     stage.validate()
     stage.prepare()
