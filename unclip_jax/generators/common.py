@@ -232,7 +232,9 @@ def image_sampling(config: ml_collections.ConfigDict, *, clip_denoised: bool | N
 def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
                  parameterization: str, learned_variance: bool = False,
                  encode_fn: EncodeFn | None = None,
-                 x0_variance_bound: float | None = 1.0):
+                 x0_variance_bound: float | None = 1.0,
+                 respace: Callable[[diffusion.Schedule, int],
+                                   diffusion.Schedule] = diffusion.respace):
   """One compiled sampler over `schedule` respaced to `num_steps`.
 
   Returns `sample(params, condition, rng, eps_moments=None, *, shape,
@@ -250,7 +252,8 @@ def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
   step_noise are static: one
   compilation per (shapes, keywords). With `encode_fn` the condition is encoded
   once, before the steps. `x0_variance_bound`: Analytic-DPM's bound on
-  Var(x0 | x_t) (1 for images in [-1, 1]).
+  Var(x0 | x_t) (1 for images in [-1, 1]). `respace(schedule, num_steps)`: the
+  steps sampled (Karlo's stages keep diffusers' rounding of them).
   """
   def sample(params, condition, rng, eps_moments=None, *, shape, num_steps,
              sampler="ddim", eta=0.0, variance=None, guidance_scale=1.0,
@@ -259,7 +262,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
     return diffusion.sample(
         sampler, guided_model(apply_fn, params, condition, guidance_scale,
                                learned_variance, encode_fn),
-        diffusion.respace(schedule, num_steps), shape=tuple(shape), rng=rng,
+        respace(schedule, num_steps), shape=tuple(shape), rng=rng,
         parameterization=parameterization, eta=eta, variance=variance,
         learned_variance=learned_variance, eps_moments=eps_moments,
         x0_variance_bound=x0_variance_bound, clip_denoised=clip_denoised,

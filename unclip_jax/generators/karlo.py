@@ -19,7 +19,6 @@ null captions as ours do. Every stage samples with `ddpm` over Karlo's
 respacing (the same kept timesteps as ours) by default; the other samplers
 work too. These stages sample only: fine-tuning them is not supported.
 """
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +39,6 @@ from unclip_jax.models.karlo_unet import KarloUNet
 ARCH = "karlo"
 CAPTION_FIELDS = (TEXT_EMBEDDING, TEXT_ENCODINGS, TEXT_MASK, NULL_TEXT_EMBEDDING,
                   NULL_TEXT_ENCODINGS, NULL_TEXT_MASK)
-_STATIC = ("shape", "num_steps", "sampler", "eta", "variance", "guidance_scale",
-           "clip_denoised", "threshold_percentile")
 
 
 def kwargs(section: ml_collections.ConfigDict) -> dict:
@@ -68,21 +65,11 @@ class _KarloStage(Generator):
     self.schedule = common.schedule_from_config(config)
     self.parameterization = parameterization
     self.learned_variance = learned_variance
-    self._sampler = jax.jit(self._run, static_argnames=_STATIC)
-    self._apply, self._encode = apply_fn, encode_fn
-
-  def _run(self, params, condition, rng, x_T, step_noise, *, shape, num_steps,
-           sampler, eta, variance, guidance_scale, clip_denoised,
-           threshold_percentile):
-    model_fn = common.guided_model(self._apply, params, condition, guidance_scale,
-                                    self.learned_variance, self._encode)
-    return diffusion.sample(
-        sampler, model_fn, diffusion.unclip_scheduler_schedule(
-            self.schedule.num_timesteps, num_steps),
-        shape=shape, rng=rng, parameterization=self.parameterization, eta=eta,
-        variance=variance, learned_variance=self.learned_variance,
-        clip_denoised=clip_denoised, threshold_percentile=threshold_percentile,
-        x_T=x_T, step_noise=step_noise)
+    self._sampler = common.make_sampler(
+        apply_fn, self.schedule, parameterization=parameterization,
+        learned_variance=learned_variance, encode_fn=encode_fn,
+        respace=lambda schedule, num_steps: diffusion.unclip_scheduler_schedule(
+            schedule.num_timesteps, num_steps))
 
   def _options(self, num_steps, sampler, variance, eta) -> dict:
     moments, chosen = common.resolve_sampling(
@@ -147,7 +134,8 @@ class KarloPriorGenerator(_KarloStage):
     batch, dim = caption[0].shape
     condition = diffusion.match_batch(caption, candidates * batch)
     x = self._sampler(
-        params, condition, rng, x_T, step_noise, shape=(candidates * batch, dim),
+        params, condition, rng, x_T=x_T, step_noise=step_noise,
+        shape=(candidates * batch, dim),
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
         clip_denoised=float(s.clip_range), threshold_percentile=None,
@@ -234,7 +222,7 @@ class KarloDecoderGenerator(_KarloStage):
     condition = self._condition(conditioning)
     batch = condition[0].shape[0]
     return self._sampler(
-        params, condition, rng, x_T, step_noise,
+        params, condition, rng, x_T=x_T, step_noise=step_noise,
         shape=(batch, self.resolution, self.resolution, 3),
         guidance_scale=float(s.guidance_scale if guidance_scale is None
                              else guidance_scale),
@@ -284,7 +272,8 @@ class KarloSuperResGenerator(_KarloStage):
     # Bicubic (Keys, a = -0.5), as torch's antialiased bicubic that Karlo uses.
     enlarged = jax.image.resize(low_res, shape, "bicubic")
     return self._sampler(
-        params, enlarged, rng, x_T, step_noise, shape=shape, guidance_scale=1.0,
+        params, enlarged, rng, x_T=x_T, step_noise=step_noise, shape=shape,
+        guidance_scale=1.0,
         **common.image_sampling(self.config, clip_denoised=clip_denoised,
                                 threshold_percentile=threshold_percentile),
         **self._options(num_steps, sampler, variance, eta))
