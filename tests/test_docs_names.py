@@ -1,7 +1,8 @@
 """What README.md and docs/*.md name exists: every `--config.<field>` override is
-a field of some stage's config, every repository path is a file, and every flag
-of a `python -m unclip_jax.<tool>` command is one that tool defines. Read from the
-text (fast); the commands themselves are not run here."""
+a field of some stage's config, every `configs/<stage>.py:<preset>` a preset of
+it, every repository path is a file, and every flag of a `python -m
+unclip_jax.<tool>` command is one that tool defines. Read from the text (fast);
+tests/test_docs_run.py runs the commands, with tiny presets."""
 import functools
 import pathlib
 import re
@@ -13,7 +14,9 @@ from configs import clip, decoder, prior, upsampler
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Deliberate mistakes, shown in docs/reliability.md's bad-input tables.
-MISTAKES = {"x.y", "a.b", "optim.lrr", "optim.lr.x", "configs/nope.py"}
+MISTAKES = {"x.y", "a.b", "optim.lrr", "optim.lr.x", "configs/nope.py",
+            "configs/clip.py:huge", "configs/decoder.py:huge"}
+STAGES = {"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}
 PATH = re.compile(r"\b((?:unclip_jax|configs|tests|launch|docs)/[\w/.-]+\.(?:py|sh|md|sbatch|png))")
 COMMAND = re.compile(r"python -m (unclip_jax\.\w+)((?:[^\n`|]|\\\n)*)")
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z_]*)(?==|\s|$|\))")
@@ -27,7 +30,7 @@ def _text(path: pathlib.Path) -> str:
 def _config_fields() -> set[str]:
   """Every dotted field of every preset of every stage's config."""
   fields = set()
-  for module in (clip, prior, decoder, upsampler):
+  for module in STAGES.values():
     for preset in module.PRESETS:
       stack = [("", module.get_config(preset))]
       while stack:
@@ -45,6 +48,14 @@ def test_config_overrides_name_real_fields(doc):
   named = set(re.findall(r"--config\.([a-z_][a-z0-9_.]*[a-z0-9_])", _text(doc)))
   unknown = sorted(named - _config_fields() - MISTAKES)
   assert not unknown, f"{doc.name} names config fields no config has: {unknown}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_presets_exist(doc):
+  named = re.findall(r"configs/(clip|prior|decoder|upsampler)\.py:(\w+)", _text(doc))
+  unknown = sorted({f"configs/{stage}.py:{preset}" for stage, preset in named
+                    if preset not in STAGES[stage].PRESETS} - MISTAKES)
+  assert not unknown, f"{doc.name} names presets no config has: {unknown}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

@@ -22,3 +22,24 @@ def tiny_data_dir(tmp_path_factory):
 def tiny_train_source(tiny_data_dir):
   from unclip_jax.data import pipeline
   return pipeline.get_data_source(tiny_data_config(tiny_data_dir), "train")
+
+
+def data_loader_iterator(source, *, global_batch_size, seed, process_index=0,
+                         process_count=1, preprocess=None):
+  """The train iterator as data/pipeline.py made it before it read whole batches (a
+  grain DataLoader, until 206ffc7): the checkpoints it saved must still resume."""
+  import grain
+  from unclip_jax.data import pipeline
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shuffle=True, num_epochs=None, seed=seed,
+      shard_options=grain.sharding.ShardOptions(
+          shard_index=process_index, shard_count=process_count, drop_remainder=True))
+
+  class ToModelInputs(grain.transforms.Map):
+    def map(self, element):
+      return pipeline.to_model_inputs(element, preprocess)
+
+  batch = grain.transforms.Batch(global_batch_size // process_count,
+                                 drop_remainder=True, batch_fn=pipeline.stack_records)
+  return iter(grain.DataLoader(data_source=source, sampler=sampler,
+                               operations=[ToModelInputs(), batch], worker_count=0))

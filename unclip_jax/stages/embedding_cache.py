@@ -1,21 +1,25 @@
-"""Frozen CLIP outputs for a whole split, computed once into an array_record cache.
+"""Frozen CLIP outputs for a whole split, computed once into a cache of columns.
 
 The prior trains on CLIP embeddings, never on images: encoding every image and caption
 at every step would cost more than the prior itself (MaxDiffusion caches latents and
 text embeddings the same way). `workdir/cache/<split>/` holds
 
-  records.array_record  one msgpack record per example (fields below)
-  manifest.json         what the cache was built from (CLIP fingerprint, source), its
-                        record count, and the mean / std of the image embeddings
+  <field>.bin     one column per field (data/columns.py): image_embedding,
+                  text_embedding, tokens, integer labels; text_encodings (float16, only
+                  each caption's real tokens) and caption (UTF-8) are ragged columns,
+                  with <field>_end.bin
+  manifest.json   what the cache was built from (CLIP fingerprint, source), its
+                  record count, the columns' layout, and the mean / std of the image
+                  embeddings
 
 A cache is reused only when its manifest matches the CLIP checkpoint and the data it
 would be built from; otherwise it is rebuilt, and the log says why. It is written into
 `<split>.tmp/`, flushed to disk and renamed into place, so a killed build leaves no cache
 that looks complete; the next run logs and removes what it left (`<split>.tmp/`, or
 `<split>.old/` when killed during the swap) and builds again. `EmbeddingCache` reads it
-as a random-access source for grain
-(`pipeline.make_train_iterator`), with a repr that does not depend on the path, so the
-data iterator's position restores from checkpoints.
+memory-mapped: a batch is one gather per field (`read_batch`, which
+`pipeline.make_train_iterator` uses), and its repr does not depend on the path, so the
+data iterator's checkpointed position restores in another workdir too.
 """
 import json
 import logging
@@ -25,23 +29,18 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from array_record.python.array_record_data_source import ArrayRecordDataSource
-from array_record.python.array_record_module import ArrayRecordWriter
-from flax import serialization
 from jax.experimental import multihost_utils
 
-from unclip_jax.data import pipeline
-from unclip_jax.data.tokenizer import PAD_ID
-# Record fields: the generators' batch field names (text_mask derived on read).
+from unclip_jax.data import columns, pipeline
+# The cache's fields: the generators' batch field names (text_mask derived on read).
 from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
                                         TEXT_ENCODINGS, TEXT_MASK, TOKENS)
 
 log = logging.getLogger(__name__)
 
-# Bump when the record layout changes: old caches are then rebuilt.
-CACHE_FORMAT = 1
+# Bump when the layout changes: old caches are then rebuilt. 2: columns, not records.
+CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
-RECORDS = "records.array_record"
 # Beside `cache/<split>`: the cache being built, and the one it replaces during the swap.
 STAGING_SUFFIX, PREVIOUS_SUFFIX = ".tmp", ".old"
 
@@ -72,9 +71,7 @@ def stale_reason(directory: str, identity: dict) -> str | None:
                     ("source", "the data")):
     if manifest.get(key) != identity[key]:
       return f"{what} changed: {manifest.get(key)} -> {identity[key]}"
-  if not os.path.exists(os.path.join(directory, RECORDS)):
-    return "its records file is missing"
-  return None
+  return columns.problem(directory, manifest["columns"])
 
 
 def build_or_load(workdir: str, split: str, source, clip, *,
@@ -149,6 +146,24 @@ class _RunningMoments:
     return mean.tolist(), np.sqrt(variance).tolist()
 
 
+def write_examples(writer: columns.ColumnWriter, *, image_embedding, text_embedding,
+                   text_encodings, tokens, text_mask, captions: Sequence[str],
+                   extra: dict | None = None) -> None:
+  """Appends n examples ([n, ...] each) to the cache's columns. Only the real token
+  encodings are kept (those of `text_mask` [n, L], a prefix): captions are usually
+  far shorter than the context."""
+  lengths = np.sum(np.asarray(text_mask, bool), axis=1)
+  writer.append(IMAGE_EMBEDDING, np.asarray(image_embedding, np.float32))
+  writer.append(TEXT_EMBEDDING, np.asarray(text_embedding, np.float32))
+  writer.append(TOKENS, np.asarray(tokens, np.int32))
+  writer.append_ragged(TEXT_ENCODINGS, [
+      np.asarray(row[:length], np.float16) for row, length in zip(text_encodings, lengths)])
+  writer.append_ragged(CAPTION, [np.frombuffer(str(caption).encode(), np.uint8)
+                                 for caption in captions])
+  for key, value in (extra or {}).items():
+    writer.append(key, np.asarray(value))
+
+
 def _build(directory: str, source, clip, identity: dict, batch_size: int) -> None:
   staging, previous = directory + STAGING_SUFFIX, directory + PREVIOUS_SUFFIX
   os.makedirs(staging)  # remove_killed_builds has cleared it
@@ -156,7 +171,7 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
   def tokenize(record):
     return {**record, TOKENS: clip.tokenize([record[CAPTION]])[0]}
 
-  writer = ArrayRecordWriter(os.path.join(staging, RECORDS), "group_size:1")
+  writer = columns.ColumnWriter(staging)
   moments, count, max_tokens = _RunningMoments(), 0, 0
   for batch in pipeline.eval_batches(source, batch_size=batch_size, preprocess=tokenize):
     text_embedding, text_encodings = clip.encode_text(batch[TOKENS])
@@ -165,25 +180,24 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
         (text_embedding, text_encodings, image_embedding))
     valid = batch["mask"]
     moments.add(image_embedding[valid])
-    masks = clip.text_mask(batch[TOKENS])
-    max_tokens = max(max_tokens, int(np.max(np.sum(masks[valid], 1))))
-    extra = _passthrough_fields(batch)
-    for row in np.flatnonzero(valid):
-      writer.write(encode_record(
-          image_embedding=image_embedding[row], text_embedding=text_embedding[row],
-          text_encodings=text_encodings[row], tokens=batch[TOKENS][row],
-          text_mask=masks[row], caption=str(batch[CAPTION][row]),
-          extra={k: batch[k][row] for k in extra}))
-      count += 1
-  writer.close()
+    masks = clip.text_mask(batch[TOKENS])[valid]
+    max_tokens = max(max_tokens, int(np.max(np.sum(masks, 1))))
+    write_examples(
+        writer, image_embedding=image_embedding[valid],
+        text_embedding=text_embedding[valid], text_encodings=text_encodings[valid],
+        tokens=batch[TOKENS][valid], text_mask=masks, captions=batch[CAPTION][valid],
+        extra={k: batch[k][valid] for k in _passthrough_fields(batch)})
+    count += int(np.sum(valid))
+  files = writer.close()
   mean, std = moments.result()
   manifest = {**identity, "num_records": count, "embed_dim": clip.embed_dim,
               "text_width": clip.text_width, "context_length": clip.context_length,
               "max_tokens": max_tokens,  # the longest caption, end token included
-              "image_embedding_mean": mean, "image_embedding_std": std}
+              "image_embedding_mean": mean, "image_embedding_std": std,
+              "columns": writer.layout}
   with open(os.path.join(staging, MANIFEST), "w") as f:
     json.dump(manifest, f)
-  for path in (os.path.join(staging, RECORDS), os.path.join(staging, MANIFEST), staging):
+  for path in (*files, os.path.join(staging, MANIFEST), staging):
     _flush_to_disk(path)
   # Swap in the finished cache; a crash between the renames leaves no cache at all,
   # which the next run rebuilds.
@@ -195,67 +209,66 @@ def _build(directory: str, source, clip, identity: dict, batch_size: int) -> Non
   log.info("wrote %d records to %s", count, directory)
 
 
-def encode_record(*, image_embedding, text_embedding, text_encodings, tokens,
-                  caption: str, extra: dict | None = None,
-                  text_mask=None) -> bytes:
-  """One example -> msgpack bytes. Only the real token encodings are kept (those
-  of `text_mask` [L], the CLIP's; default: the non-pad tokens of ours): captions
-  are usually far shorter than the context."""
-  tokens = np.asarray(tokens, np.int32)
-  length = int(np.sum(tokens != PAD_ID if text_mask is None else text_mask))
-  record = {IMAGE_EMBEDDING: np.asarray(image_embedding, np.float32),
-            TEXT_EMBEDDING: np.asarray(text_embedding, np.float32),
-            TEXT_ENCODINGS: np.asarray(text_encodings[:length], np.float16),
-            TOKENS: tokens, CAPTION: caption}
-  for key, value in (extra or {}).items():
-    record[key] = np.asarray(value)
-  return serialization.msgpack_serialize(record)
-
-
-def decode_record(data: bytes) -> dict:
-  """msgpack bytes -> the record, token encodings zero-padded to the context; the
-  text mask marks the kept ones (the real tokens, a prefix)."""
-  record = serialization.msgpack_restore(data)
-  tokens = record[TOKENS]
-  kept = record[TEXT_ENCODINGS]
-  encodings = np.zeros((len(tokens), kept.shape[-1]), np.float16)
-  encodings[:len(kept)] = kept
-  record[TEXT_ENCODINGS] = encodings
-  record[TEXT_MASK] = np.arange(len(tokens)) < len(kept)
-  return record
-
-
 class EmbeddingCache:
-  """A built cache as a random-access source: `len`, `[i]`, `__getitems__`."""
+  """A built cache, memory-mapped: `len`, `read_batch(indices)` (a host batch, one
+  gather per field), and records one by one (`[i]`, `__getitems__`).
 
-  def __init__(self, directory: str, name: str):
+  Fields: image_embedding float32 [D], text_embedding float32 [D], text_encodings
+  float16 [L, W] (zero past the caption), text_mask bool [L] (the caption's tokens,
+  a prefix), tokens int32 [L], caption str, and the source's integer labels.
+  """
+
+  def __init__(self, directory: str, name: str, fields: Sequence[str] | None = None):
     self.directory = directory
     self.name = name
     self.manifest = _read_manifest(directory)
     if self.manifest is None:
       raise FileNotFoundError(f"no embedding cache in {directory}")
-    self._records = ArrayRecordDataSource(os.path.join(directory, RECORDS))
-    if len(self._records) != self.manifest["num_records"]:
-      raise ValueError(f"{directory} holds {len(self._records)} records, its "
-                       f"manifest {self.manifest['num_records']}; delete it to rebuild")
+    layout = self.manifest["columns"]
+    self._columns = columns.open_columns(directory, layout)
+    stored = [k for k in layout if not k.endswith(columns.END)]
+    every = stored + [TEXT_MASK] if TEXT_ENCODINGS in stored else stored
+    self.fields = tuple(every if fields is None else fields)
+    if unknown := set(self.fields) - set(every):
+      raise KeyError(f"{self!r} has no fields {sorted(unknown)}; it has {every}")
+
+  def select(self, fields: Sequence[str]) -> "EmbeddingCache":
+    """This cache reading only `fields` (the same files, opened again: no data is read)."""
+    return EmbeddingCache(self.directory, self.name, fields)
 
   def __len__(self) -> int:
-    return len(self._records)
+    return self.manifest["num_records"]
 
-  def __getitem__(self, index: int) -> dict:
-    return decode_record(self._records[index])
+  def _ragged(self, name: str):
+    return self._columns[name], self._columns[name + columns.END]
+
+  def read_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+    """Records `indices` as one batch: [b, ...] per field, captions object [b]."""
+    indices = np.asarray(indices, np.int64)
+    batch = {}
+    if {TEXT_ENCODINGS, TEXT_MASK} & set(self.fields):
+      context = self.manifest["columns"][TOKENS]["shape"][1]
+      batch[TEXT_ENCODINGS], batch[TEXT_MASK] = columns.gather_padded(
+          *self._ragged(TEXT_ENCODINGS), indices, context)
+    if CAPTION in self.fields:
+      batch[CAPTION] = columns.gather_strings(*self._ragged(CAPTION), indices)
+    for field in self.fields:
+      if field not in batch:
+        batch[field] = np.asarray(self._columns[field][indices])
+    return {field: batch[field] for field in self.fields}
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    return [decode_record(r) for r in self._records.__getitems__(list(indices))]
+    batch = self.read_batch(indices)
+    return [{k: v[row] for k, v in batch.items()} for row in range(len(indices))]
+
+  def __getitem__(self, index: int) -> dict:
+    return self.__getitems__([index])[0]
 
   def arrays(self, indices: Sequence[int] | None = None,
              fields: Sequence[str] | None = None) -> dict[str, Any]:
     """Records `indices` (default: all) stacked into arrays, optionally only `fields`."""
-    indices = range(len(self)) if indices is None else indices
-    records = self.__getitems__(list(indices))
-    if fields is not None:
-      records = [{k: r[k] for k in fields} for r in records]
-    return pipeline.stack_records(records)
+    indices = np.arange(len(self)) if indices is None else list(indices)
+    return (self if fields is None else self.select(fields)).read_batch(indices)
 
   @property
   def image_embedding_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -263,6 +276,12 @@ class EmbeddingCache:
     return (np.asarray(self.manifest["image_embedding_mean"], np.float32),
             np.asarray(self.manifest["image_embedding_std"], np.float32))
 
+  def __reduce__(self):
+    # Reopened where unpickled (grain's worker processes): a memmap would pickle
+    # its whole file.
+    return EmbeddingCache, (self.directory, self.name, self.fields)
+
   def __repr__(self) -> str:
-    # grain compares this string when it restores an iterator: no path, no address.
+    # The train iterator's state holds this string to name its data: no path, so a
+    # moved workdir still resumes, and no fields, which do not move a position.
     return f"EmbeddingCache({self.name}, {len(self)} records)"

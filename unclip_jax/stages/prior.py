@@ -95,14 +95,11 @@ class PriorStage(GeneratorStage):
           f"the {c.data.eval_split!r} split has {len(self.eval_cache)} examples, "
           f"fewer than eval.num_examples={c.eval.num_examples}; lower it")
 
-  @staticmethod
-  def _model_inputs(record):
-    return {k: record[k] for k in MODEL_INPUTS}
-
   def train_iterator(self):
+    # Only the model's inputs are gathered: each batch is one read per field.
     return pipeline.make_train_iterator(
-        self.train_cache, global_batch_size=self.config.batch_size,
-        seed=self.config.seed, preprocess=self._model_inputs)
+        self.train_cache.select(MODEL_INPUTS), global_batch_size=self.config.batch_size,
+        seed=self.config.seed)
 
   @functools.cached_property
   def _eval_losses(self):

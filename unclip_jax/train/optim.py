@@ -3,13 +3,16 @@ import jax
 import ml_collections
 import optax
 
-# Parameters that get weight decay: those with a path part named exactly
-# "kernel" or "embedding" (nn.Dense / nn.Conv kernels, nn.Embed tables). By
-# name, not by rank, so scanned [layers, ...] stacks of biases (2-D) stay out;
-# so do params declared under names of their own, such as the attention
-# projections' qkv_kernel / out_kernel / context_kv_kernel, the UNet's
-# emb_kernel and image_tokens_kernel (docs/training.md lists them).
-DECAYED_NAMES = ("kernel", "embedding")
+# Parameters that get weight decay: every weight matrix and vocabulary table,
+# found by name: a path part that ends in "kernel" (nn.Dense / nn.Conv's
+# `kernel` and our projections' `qkv_kernel`, `out_kernel`,
+# `context_kv_kernel`, `emb_kernel`, `image_tokens_kernel`) or is a token
+# table ("embedding" of nn.Embed, the decoder's "token_embedding"). By name,
+# not by rank, so scanned [layers, ...] stacks of biases (2-D) stay out, and so
+# do learned offsets that only look like tables: position, padding and null
+# embeddings, the prior's query, CLIP's class token (docs/training.md).
+DECAYED_SUFFIX = "kernel"
+DECAYED_TABLES = ("embedding", "token_embedding")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict,
@@ -31,7 +34,8 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict,
 def decay_mask(params):
   def decayed(path, _):
     names = [getattr(k, "key", None) for k in path]
-    return any(n in DECAYED_NAMES for n in names if isinstance(n, str))
+    return any(n.endswith(DECAYED_SUFFIX) or n in DECAYED_TABLES
+               for n in names if isinstance(n, str))
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
