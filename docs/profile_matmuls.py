@@ -46,7 +46,13 @@ def walk(jaxpr, mult):
              tuple(sorted((k, str(v)) for k, v in e.params.items())))
       ops[key] += mult
       ops_eqn[key] = e
-    for v in e.params.values():
+    values = e.params.values()
+    if e.params.get("branches_platforms"):  # lax.platform_dependent: ours only
+      platforms = e.params["branches_platforms"]
+      values = [e.params["branches"][next(
+          (i for i, p in enumerate(platforms) if p and jax.default_backend() in p),
+          platforms.index(None))]]
+    for v in values:
       for j in F._sub_jaxprs(v):
         walk(j, mult * (e.params.get("length", 1) if e.primitive.name == "scan" else 1))
 ops_eqn = {}

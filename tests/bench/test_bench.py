@@ -11,7 +11,8 @@ from configs import clip as clip_config
 from configs import decoder as decoder_config
 from configs import prior as prior_config
 from configs import upsampler as upsampler_config
-from unclip_jax.bench import sampling, timing, train_step
+from unclip_jax import xla_options
+from unclip_jax.bench import convolutions, sampling, timing, train_step
 from unclip_jax.train import peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +48,15 @@ def test_train_step_of_a_prior_needs_no_workdir():
                                        clip_config.get_config("tiny"), steps=1,
                                        repeats=1)
   _finite_and_positive(result, "step_time_median", "gflops_per_step_per_device")
+
+
+def test_convolution_rates_with_and_without_our_options():
+  result = convolutions.bench_convolutions(batch_size=1, repeats=1,
+                                           levels=((8, 8),))
+  assert result["compiler_options"] == xla_options.compiler_options()
+  _finite_and_positive(result, *(f"gflops_8px_8ch_{p}_{b}"
+                                 for p in ("forward", "with_gradients")
+                                 for b in ("ours", "xla_default")))
 
 
 @pytest.mark.parametrize("config", [prior_config, decoder_config, upsampler_config],

@@ -2,6 +2,9 @@
 
   python -m unclip_jax.bench ceiling
       this machine's matmul rates: f32, bf16 x bf16 -> f32, bf16 -> bf16.
+  python -m unclip_jax.bench convolutions [--batch 8] [--repeats 5]
+      3x3 convolution GFLOP/s at the UNet's levels, with our compiler
+      options and with XLA's defaults.
   python -m unclip_jax.bench train_step --config configs/decoder.py:demo \\
       [--clip_config configs/clip.py:demo] [--data synthetic|real] [--steps 10]
       [--repeats 5] [--workdir DIR]
@@ -35,7 +38,8 @@ _DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"],
                           "train_step: an in-memory batch, or the stage's data")
 _STEPS = flags.DEFINE_integer("steps", 10, "train steps per timed repeat")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repeats (median, min, max)")
-_BATCH = flags.DEFINE_integer("batch", 16, "rows per sampling call")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "rows per sampling call (default 16), images per convolution (8)")
 _SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", None,
                                        "sampling steps (default: the config's)")
 _WORKDIR = flags.DEFINE_string(
@@ -48,7 +52,7 @@ _UPSAMPLERS = flags.DEFINE_multi_string("upsampler", [], "chain: upsampler "
                                         "workdirs, low to high resolution")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 4, "chain: prompts per call")
 
-COMMANDS = ("ceiling", "train_step", "sampling", "prior_sampling", "chain")
+COMMANDS = ("ceiling", "convolutions", "train_step", "sampling", "prior_sampling", "chain")
 
 
 def check_request(commands: list[str], **counts: int | None) -> str:
@@ -87,9 +91,12 @@ def main(argv):
                           batch=_BATCH.value, num_prompts=_NUM_PROMPTS.value,
                           sampling_steps=_SAMPLING_STEPS.value)
   # Imported after the flags are parsed: --help stays fast.
-  from unclip_jax.bench import sampling, timing, train_step  # pylint: disable=import-outside-toplevel
+  from unclip_jax.bench import convolutions, sampling, timing, train_step  # pylint: disable=import-outside-toplevel
   if command == "ceiling":
     result = {"benchmark": "ceiling", **timing.ceilings()}
+  elif command == "convolutions":
+    result = convolutions.bench_convolutions(batch_size=_BATCH.value or 8,
+                                             repeats=_REPEATS.value)
   elif command == "train_step":
     result = train_step.bench_train_step(
         _config(), _clip_config(_config()), data=_DATA.value, workdir=_WORKDIR.value,
@@ -100,7 +107,7 @@ def main(argv):
       raise UserError("prior_sampling takes a prior config; use `sampling` for "
                       f"a {config.stage}")
     result = sampling.bench_sampling(
-        config, _clip_config(config), batch_size=_BATCH.value,
+        config, _clip_config(config), batch_size=_BATCH.value or 16,
         num_steps=_SAMPLING_STEPS.value, repeats=_REPEATS.value,
         workdir=_WORKDIR.value)
   else:

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from unclip_jax import generators
+from unclip_jax import generators, xla_options
 from unclip_jax.bench import timing
 from unclip_jax.generators.base import IMAGE, IMAGE_EMBEDDING, LOW_RES, ClipSizes
 from unclip_jax.train import flops as flops_lib
@@ -62,6 +62,7 @@ def bench_sampling(config: ml_collections.ConfigDict,
   return {"benchmark": "sampling", "stage": config.stage, "dtype": config.dtype,
           "batch_size": batch_size, "sampling_steps": num_steps,
           "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
+          "compiler_options": xla_options.compiler_options(),
           "compile_seconds": max(first_call - seconds["median"], 0.0),
           **{f"seconds_per_call_{k}": v for k, v in seconds.items()},
           "seconds_per_item": seconds["median"] / batch_size,

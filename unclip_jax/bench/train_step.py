@@ -7,7 +7,7 @@ import time
 import jax
 import ml_collections
 
-from unclip_jax import stages
+from unclip_jax import stages, xla_options
 from unclip_jax.bench import timing
 from unclip_jax.generators.base import ClipSizes
 from unclip_jax.parallel import mesh as mesh_lib
@@ -81,6 +81,7 @@ def bench_train_step(config: ml_collections.ConfigDict,
   return {"benchmark": "train_step", "stage": config.stage, "dtype": config.dtype,
           "data": data, "batch_size": config.batch_size,
           "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
+          "compiler_options": xla_options.compiler_options(),
           "compile_seconds": compile_seconds,
           **{f"step_time_{k}": v for k, v in step_time.items()},
           "examples_per_sec": config.batch_size / step_time["median"],

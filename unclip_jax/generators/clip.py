@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax import xla_options
 from unclip_jax.checkpoints.workdir import StageWorkdir
 from unclip_jax.data.tokenizer import load_tokenizer
 from unclip_jax.errors import ConfigError
@@ -152,7 +153,7 @@ class FrozenClip:
       # constrain activations of a model whose params live on this host's devices.
       with nn.logical_axis_rules(()):
         return self.model.apply({"params": params}, inputs, method=method)
-    jitted = jax.jit(apply)
+    jitted = xla_options.jit(apply)
 
     def on_this_host(params, inputs):
       # The trainer's mesh spans every process's devices; this runs on ours only.

@@ -16,7 +16,7 @@ import ml_collections
 
 import numpy as np
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, xla_options
 from unclip_jax.errors import ConfigError, UserError
 from unclip_jax.generators.base import EpsMoments
 from unclip_jax.models.unet_blocks import IMAGE_AXES
@@ -268,7 +268,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
         x0_variance_bound=x0_variance_bound, clip_denoised=clip_denoised,
         threshold_percentile=threshold_percentile, x_T=x_T, step_noise=step_noise)
 
-  return jax.jit(sample, static_argnames=(
+  return xla_options.jit(sample, static_argnames=(
       "shape", "num_steps", "sampler", "eta", "variance", "guidance_scale",
       "clip_denoised", "threshold_percentile"))
 
@@ -293,7 +293,7 @@ def make_ddim_inverter(apply_fn: ApplyFn, schedule: diffusion.Schedule, *,
         parameterization=parameterization, learned_variance=learned_variance,
         fixed_point_iterations=fixed_point_iterations)
 
-  return jax.jit(invert, static_argnames=("num_steps", "guidance_scale",
+  return xla_options.jit(invert, static_argnames=("num_steps", "guidance_scale",
                                           "fixed_point_iterations"))
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, xla_options
 from unclip_jax.errors import ConfigError
 from unclip_jax.generators import common
 from unclip_jax.generators.base import (IMAGE_EMBEDDING, TEXT_EMBEDDING,
@@ -148,7 +148,7 @@ class Prior(Generator):
         parameterization=self.parameterization,
         encode_fn=self._encode_caption,
         x0_variance_bound=self.x0_variance_bound)
-    self._sampler = jax.jit(self._sample, static_argnames=(
+    self._sampler = xla_options.jit(self._sample, static_argnames=(
         "num_steps", "guidance_scale", "num_candidates", "sampler", "eta",
         "variance"))
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import precision
 from unclip_jax.parallel.axes import (ACT_BATCH, ACT_HEADS, ACT_LENGTH, EMBED,
                                       HEADS, KV)
 
@@ -55,16 +56,14 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     [batch, l, heads, head_dim] in `value.dtype`. A fully masked row attends
     uniformly to every key instead of giving NaN.
   """
-  logits = jnp.einsum("blhd,bmhd->bhlm", query, key,
-                      preferred_element_type=jnp.float32)
+  logits = precision.einsum("blhd,bmhd->bhlm", query, key)
   # Scaled in float32, after the product: no bf16 rounding of scaled queries.
   logits = logits * (query.shape[-1] ** -0.5)
   if mask is not None:
     # A finite floor, not -inf: an all-pad caption's rows stay finite.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  return jnp.einsum("bhlm,bmhd->blhd", weights, value,
-                    preferred_element_type=jnp.float32).astype(value.dtype)
+  return precision.einsum("bhlm,bmhd->blhd", weights, value).astype(value.dtype)
 
 
 def project_heads(module: nn.Module, x: jax.Array, *, num_outputs: int,
@@ -81,8 +80,7 @@ def project_heads(module: nn.Module, x: jax.Array, *, num_outputs: int,
   kernel = param(module, f"{name}_kernel", kernel_init or fan_in_init([0]),
                  (x.shape[-1],) + shape, (EMBED, None, HEADS, KV))
   bias = param(module, f"{name}_bias", zeros, shape, (None, HEADS, KV))
-  y = jnp.einsum("blc,cnhd->nblhd", x.astype(dtype), kernel.astype(dtype),
-                 preferred_element_type=jnp.float32)
+  y = precision.einsum("blc,cnhd->nblhd", x.astype(dtype), kernel.astype(dtype))
   y = (y + bias[:, None, None]).astype(dtype)
   return tuple(nn.with_logical_constraint(t, HEAD_AXES) for t in y)
 
@@ -98,7 +96,6 @@ def merge_heads(module: nn.Module, x: jax.Array, *, features: int,
   kernel = param(module, f"{name}_kernel", kernel_init or fan_in_init([0, 1]),
                  x.shape[-2:] + (features,), (HEADS, KV, EMBED))
   bias = param(module, f"{name}_bias", zeros, (features,), (EMBED,))
-  y = jnp.einsum("blhd,hde->ble", x.astype(dtype), kernel.astype(dtype),
-                 preferred_element_type=jnp.float32)
+  y = precision.einsum("blhd,hde->ble", x.astype(dtype), kernel.astype(dtype))
   return (y + bias).astype(dtype)
 

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import precision
 from unclip_jax.models.attention import fan_in_init, param
 from unclip_jax.models.unet_blocks import (IMAGE_AXES, conv, downsample,
                                           image_and_context_attention, upsample)
@@ -70,9 +71,8 @@ class ResnetBlock(nn.Module):
     kernel = param(self, "emb_kernel", fan_in_init([0]),
                    (emb.shape[-1], parts, self.out_channels), (EMBED, None, CONV_OUT))
     bias = param(self, "emb_bias", zeros, (parts, self.out_channels), (None, CONV_OUT))
-    emb_out = (jnp.einsum("be,eto->bto", nn.silu(emb).astype(self.dtype),
-                          kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32) + bias)
+    emb_out = (precision.einsum("be,eto->bto", nn.silu(emb).astype(self.dtype),
+                                kernel.astype(self.dtype)) + bias)
     emb_out = emb_out[:, :, None, None].astype(self.dtype)  # [b, n, 1, 1, out]
     out_norm = group_norm(self.norm_groups, self.norm_eps, "out_norm")
     if self.scale_shift:

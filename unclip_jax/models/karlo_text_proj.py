@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import precision
 from unclip_jax.models.attention import fan_in_init, param
 from unclip_jax.models.transformer import layer_norm
 from unclip_jax.models.unet_blocks import Dense, Dtype
@@ -69,9 +70,8 @@ class KarloTextProj(nn.Module):
                     self.cross_attention_dim), (EMBED, None, MLP))
     bias = param(self, "image_tokens_bias", nn.initializers.zeros,
                  (self.extra_context_tokens, self.cross_attention_dim), (None, MLP))
-    image_tokens = (jnp.einsum("bd,dtw->btw", image_embeddings,
-                               kernel.astype(self.dtype),
-                               preferred_element_type=jnp.float32)
+    image_tokens = (precision.einsum("bd,dtw->btw", image_embeddings,
+                                     kernel.astype(self.dtype))
                     + bias).astype(self.dtype)
 
     text = Dense(self.cross_attention_dim, (EMBED, MLP), self.dtype,

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.models import precision
 from unclip_jax.models import remat as remat_lib
 from unclip_jax.models.embeddings import timestep_embedding
 from unclip_jax.models.unet_blocks import (IMAGE_AXES, AttentionBlock, CaptionEncoder,
@@ -112,9 +113,8 @@ class UNet(nn.Module):
                        (EMBED, None, MLP))
         bias = param(self, "image_tokens_bias", nn.initializers.zeros,
                      (self.num_image_tokens, width), (None, MLP))
-        image_tokens = (jnp.einsum("bd,dtw->btw", image_embedding,
-                                   kernel.astype(self.dtype),
-                                   preferred_element_type=jnp.float32)
+        image_tokens = (precision.einsum("bd,dtw->btw", image_embedding,
+                                         kernel.astype(self.dtype))
                         + bias).astype(self.dtype)
         context.append(image_tokens)
         context_mask.append(jnp.ones((batch, self.num_image_tokens), bool))

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models import attention
+from unclip_jax.models import attention, precision
 # fan_in_init, param and layer_norm are also imported from here (unet.py).
 from unclip_jax.models.attention import HEAD_AXES, fan_in_init, param
 from unclip_jax.models.transformer import TransformerStack, layer_norm
@@ -63,8 +63,8 @@ class Dense(nn.Module):
     init = zeros if self.zero_init else fan_in_init([0])
     kernel = param(self, "kernel", init, (x.shape[-1], self.features), self.axes)
     bias = param(self, "bias", zeros, (self.features,), self.axes[1:])
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    y = precision.einsum("...c,co->...o", x.astype(self.dtype),
+                         kernel.astype(self.dtype))
     return (y + bias).astype(self.dtype)
 
 
@@ -108,9 +108,8 @@ class ResBlock(nn.Module):
     kernel = param(self, "emb_kernel", fan_in_init([0]),
                    (emb_width, 2, self.out_channels), (EMBED, None, CONV_OUT))
     bias = param(self, "emb_bias", zeros, (2, self.out_channels), (None, CONV_OUT))
-    scale_shift = (jnp.einsum("be,eto->bto", nn.silu(emb).astype(self.dtype),
-                              kernel.astype(self.dtype),
-                              preferred_element_type=jnp.float32)
+    scale_shift = (precision.einsum("be,eto->bto", nn.silu(emb).astype(self.dtype),
+                                    kernel.astype(self.dtype))
                    + bias).astype(self.dtype)
     scale, shift = scale_shift[:, 0, None, None], scale_shift[:, 1, None, None]
     h = group_norm(self.norm_groups, "out_norm")(h) * (1 + scale) + shift

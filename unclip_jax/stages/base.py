@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax import generators
+from unclip_jax import generators, xla_options
 from unclip_jax.generators import common
 from unclip_jax.generators.base import ClipSizes, EpsMoments
 from unclip_jax.parallel import distributed
@@ -102,7 +102,7 @@ class GeneratorStage(Stage):
 
   @functools.cached_property
   def _eps_moments_fn(self):
-    return jax.jit(functools.partial(
+    return xla_options.jit(functools.partial(
         self.generator.estimate_eps_moments,
         grid_size=self.config.sample.moments_timesteps))
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unclip_jax import xla_options
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
 from unclip_jax.generators.clip import build_clip
@@ -101,7 +102,7 @@ class ClipStage(Stage):
     def encode(params, images, tokens):
       z_i, z_t, _ = self.model.apply({"params": params}, images, tokens)
       return z_i, z_t
-    return jax.jit(encode)
+    return xla_options.jit(encode)
 
   def eval_examples(self) -> list[int]:
     """A fixed random subset of the held-out split, num_groups x candidates."""

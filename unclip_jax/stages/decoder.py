@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax import xla_options
 from unclip_jax.data import pipeline
 from unclip_jax.data.images import resize_image, to_uint8
 from unclip_jax.errors import ConfigError
@@ -94,7 +95,7 @@ class DecoderStage(GeneratorStage):
     def losses(params, batch, rng):
       per_example, aux = self.generator.losses(params, batch, rng, train=False)
       return {"loss": per_example, **{k: aux[k] for k in ("mse", "vlb") if k in aux}}
-    return jax.jit(losses)
+    return xla_options.jit(losses)
 
   def eval_examples(self) -> list[int]:
     """A fixed random subset of the held-out split; the first eval.num_samples are

@@ -17,6 +17,7 @@ import logging
 import jax
 import numpy as np
 
+from unclip_jax import xla_options
 from unclip_jax.data import pipeline
 from unclip_jax.errors import ConfigError
 from unclip_jax.generators import prior as prior_lib
@@ -103,7 +104,7 @@ class PriorStage(GeneratorStage):
 
   @functools.cached_property
   def _eval_losses(self):
-    return jax.jit(lambda params, batch, rng: self.generator.losses(
+    return xla_options.jit(lambda params, batch, rng: self.generator.losses(
         params, batch, rng, train=False)[0])
 
   def eval_examples(self) -> list[int]:

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax import xla_options
 from unclip_jax.data import pipeline
 from unclip_jax.data.images import nearest_upscale, to_uint8, write_grid
 from unclip_jax.data.preprocess import center_crop_and_resize
@@ -75,12 +76,12 @@ class UpsamplerStage(GeneratorStage):
 
   @functools.cached_property
   def _eval_losses(self):
-    return jax.jit(lambda params, images, rng: self.generator.losses(
+    return xla_options.jit(lambda params, images, rng: self.generator.losses(
         params, {pipeline.IMAGE: images}, rng, train=False)[0])
 
   @functools.cached_property
   def _degrade(self):
-    return jax.jit(self.generator.degrade)
+    return xla_options.jit(self.generator.degrade)
 
   def eval_examples(self) -> list[int]:
     """A fixed random subset of the held-out split: the images upsampled."""

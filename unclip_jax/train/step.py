@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax import xla_options
 from unclip_jax.errors import Diverged
 from unclip_jax.parallel import partitioning
 from unclip_jax.train import flops
@@ -128,10 +129,10 @@ def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       train_step, loss_fn=loss_fn, tx=tx, ema_decay=ema_decay,
       grad_accum_steps=grad_accum_steps, batch_shardings=batch_shardings,
       param_shardings=state_shardings.params)
-  return jax.jit(step,
-                 in_shardings=(state_shardings, batch_shardings, replicated),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,))
+  return xla_options.jit(step, platform=xla_options.platform_of(replicated),
+                         in_shardings=(state_shardings, batch_shardings, replicated),
+                         out_shardings=(state_shardings, replicated),
+                         donate_argnums=(0,))
 
 
 def compile_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
