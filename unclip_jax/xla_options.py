@@ -54,6 +54,11 @@ def _cpu_accepts_options() -> bool:
     return False
 
 
+# Public in jax 0.10; where a later jax drops it, GPUs and TPUs (no options, one
+# jit) are unaffected.
+_TRACER = getattr(jax.core, "Tracer", ())
+
+
 class _Jitted:
   """`jax.jit(fun)` compiled with options where it is called at the top level,
   without them where it is traced into an outer function (jax takes compiler
@@ -67,7 +72,7 @@ class _Jitted:
   def __call__(self, *args, **kwargs):
     # Nested calls (samplers inside the prior's sampler, FLOP counting under
     # make_jaxpr) always pass traced arrays: the params at least.
-    traced = any(isinstance(leaf, jax.core.Tracer)
+    traced = any(isinstance(leaf, _TRACER)
                  for leaf in jax.tree.leaves((args, kwargs)))
     return (self._plain if traced else self._tuned)(*args, **kwargs)
 
