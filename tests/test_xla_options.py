@@ -9,16 +9,12 @@ import numpy as np
 import optax
 
 from unclip_jax import diffusion, xla_options
+from unclip_jax.bench.convolutions import conv3x3
 from unclip_jax.generators.common import make_sampler
 from unclip_jax.parallel import partitioning
 from unclip_jax.parallel.mesh import make_mesh
 from unclip_jax.train import state
 from unclip_jax.train.step import jit_train_step
-
-
-def _conv(images, kernel):
-  return jax.lax.conv_general_dilated(images, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _ynn_convolutions(compiled_text: str) -> bool:
@@ -38,7 +34,7 @@ def _images_and_kernel():
 
 def test_cpu_options_keep_convolutions_out_of_ynnpack_with_the_same_numbers():
   args = _images_and_kernel()
-  ours, plain = xla_options.jit(_conv), jax.jit(_conv)
+  ours, plain = xla_options.jit(conv3x3), jax.jit(conv3x3)
   assert xla_options.compiler_options() == xla_options.CPU_OPTIONS
   # The premise: jaxlib 0.10's default hands this convolution to YNNPACK.
   assert _ynn_convolutions(plain.lower(*args).compile().as_text())
@@ -59,8 +55,8 @@ def test_the_train_step_and_the_samplers_compile_with_them():
   tx = optax.sgd(0.1)
   _, shardings = state.abstract_state(lambda rng: {"kernel": kernel}, tx, mesh, (),
                                       jax.random.key(0))
-  loss = lambda params, batch, rng: (jnp.mean(_conv(batch["image"],
-                                                    params["kernel"]) ** 2), {})
+  loss = lambda params, batch, rng: (
+      jnp.mean(conv3x3(batch["image"], params["kernel"]) ** 2), {})
   batch = {"image": images}
   with jax.set_mesh(mesh):
     step = jit_train_step(loss, tx, 0.9, shardings,
@@ -70,7 +66,7 @@ def test_the_train_step_and_the_samplers_compile_with_them():
     compiled = step.lower(train_state, batch, jax.random.key(1)).compile()
   assert not _ynn_convolutions(compiled.as_text())
 
-  apply_fn = lambda params, x_t, t, condition, drop: _conv(x_t, params) * 0.1
+  apply_fn = lambda params, x_t, t, condition, drop: conv3x3(x_t, params) * 0.1
   sample = make_sampler(apply_fn, diffusion.make_schedule("cosine", 20),
                         parameterization="eps")
   compiled = sample.lower(kernel, {"c": jnp.zeros((2, 1))}, jax.random.key(0),
@@ -82,7 +78,7 @@ def test_a_jit_with_options_runs_inside_another_jit():
   # jax takes compiler options on top-level jits only; traced into an outer
   # one (the prior's sampler, FLOP counting), it compiles with the outer's.
   images, kernel = _images_and_kernel()
-  inner = xla_options.jit(_conv)
+  inner = xla_options.jit(conv3x3)
   outer = xla_options.jit(lambda x, k: inner(x, k) * 2)
   np.testing.assert_allclose(outer(images, kernel), 2 * inner(images, kernel),
                              rtol=1e-5, atol=1e-5)

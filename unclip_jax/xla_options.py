@@ -70,6 +70,8 @@ class _Jitted:
                    if options else self._plain)
 
   def __call__(self, *args, **kwargs):
+    if self._tuned is self._plain:  # no options (GPU, TPU): nothing to choose
+      return self._plain(*args, **kwargs)
     # Nested calls (samplers inside the prior's sampler, FLOP counting under
     # make_jaxpr) always pass traced arrays: the params at least.
     traced = any(isinstance(leaf, _TRACER)

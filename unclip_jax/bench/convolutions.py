@@ -10,13 +10,14 @@ from unclip_jax.bench import timing
 LEVELS = ((64, 64), (32, 128), (16, 192))
 
 
-def _conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv3x3(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 'SAME' convolution of NHWC images with an HWIO kernel."""
   return jax.lax.conv_general_dilated(images, kernel, (1, 1), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _with_gradients(images, kernel):
-  return jax.grad(lambda x, k: jnp.sum(_conv(x, k) ** 2), argnums=(0, 1))(
+  return jax.grad(lambda x, k: jnp.sum(conv3x3(x, k) ** 2), argnums=(0, 1))(
       images, kernel)
 
 
@@ -32,7 +33,7 @@ def bench_convolutions(*, batch_size: int, repeats: int,
     images = jax.random.normal(keys[0], (batch_size, size, size, channels))
     kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * 0.05
     flops = 2.0 * batch_size * size * size * channels * channels * 9
-    for pass_name, fn, pass_flops in (("forward", _conv, flops),
+    for pass_name, fn, pass_flops in (("forward", conv3x3, flops),
                                       ("with_gradients", _with_gradients, 3 * flops)):
       for build_name, build in (("ours", xla_options.jit), ("xla_default", jax.jit)):
         compiled = build(fn)
